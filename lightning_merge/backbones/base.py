@@ -1,0 +1,78 @@
+"""The one interface the fine-tune, Fisher and merge stages use for every model family.
+
+A backbone wraps a classifier (``self.model``), turns a batch into logits, says which parameters
+are the task head (never merged) and which are the shared body, and exports itself in the family's
+native format so a later stage (or another tool) can load it. Parameter names are those of
+``self.model.named_parameters()``: the same keys the Fisher and merge files use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EXPORT_MANIFEST = "lightning_merge.json"
+
+
+class Backbone(nn.Module, ABC):
+    family: str = ""
+    model: nn.Module
+    head_prefixes: tuple[str, ...] = ()
+    tokenizer = None  # text backbones set this
+
+    @property
+    @abstractmethod
+    def num_labels(self) -> int:
+        """Size of the task head's output."""
+
+    @abstractmethod
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits ``(batch, num_labels)`` for a batch as the family's data module builds it."""
+
+    @abstractmethod
+    def _export_files(self, directory: Path) -> dict:
+        """Write the native files into ``directory``; return what the manifest needs to rebuild."""
+
+    def is_head(self, name: str) -> bool:
+        return name.startswith(self.head_prefixes)
+
+    def head_parameter_names(self) -> list[str]:
+        return [n for n, _ in self.model.named_parameters() if self.is_head(n)]
+
+    def body_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if not self.is_head(n)]
+
+    def export(self, directory: str | os.PathLike) -> Path:
+        """Export in the native format, atomically: files go to a temporary folder that is renamed.
+
+        An existing export at ``directory`` is replaced only once the new one is complete.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            manifest = {"family": self.family, "num_labels": self.num_labels, **self._export_files(staging)}
+            (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+            if directory.exists():
+                retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+                directory.rename(retired)
+                staging.rename(directory)
+                shutil.rmtree(retired)
+            else:
+                staging.rename(directory)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return directory
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / EXPORT_MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}

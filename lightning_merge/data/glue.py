@@ -1,0 +1,270 @@
+"""GLUE as a LightningDataModule: hub or local files (TSV as released, CSV, JSON) → tokenized batches."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_merge.data.glue_tasks import (
+    GlueTask,
+    get_glue_task,
+    num_labels_for,
+    stsb_bucket_centers,
+    stsb_to_bucket,
+)
+from lightning_merge.evaluation.metrics import TaskMetrics
+
+HUB_DATASET = "nyu-mll/glue"
+TEXT_A, TEXT_B, LABEL = "text_a", "text_b", "label"
+
+
+def _read_file(path: Path, task: GlueTask) -> datasets.Dataset:
+    """Read one local file with the ``datasets`` builders; the format follows the suffix."""
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".txt", ".csv"):
+        options: dict[str, Any] = dict(
+            sep="\t" if suffix in (".tsv", ".txt") else ",",
+            # GLUE TSVs contain unbalanced quotes; "null"/"NA" are real words, not missing values.
+            quoting=csv.QUOTE_NONE if suffix in (".tsv", ".txt") else csv.QUOTE_MINIMAL,
+            keep_default_na=False, na_filter=False, encoding="utf-8-sig",
+        )
+        if not task.header and suffix in (".tsv", ".txt"):
+            options.update(header=None, column_names=list(task.headerless_columns))
+        return datasets.load_dataset("csv", data_files=str(path), split="train", **options)
+    if suffix in (".json", ".jsonl"):
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+    raise ValueError(f"Unsupported data file {path}: expected .tsv, .txt, .csv, .json or .jsonl")
+
+
+def _pick_column(columns: list[str], candidates: tuple[str, ...], what: str, source: str) -> str:
+    for name in candidates:
+        if name in columns:
+            return name
+    raise ValueError(
+        f"{source}: missing column for {what}; expected one of {list(candidates)}, found {columns}"
+    )
+
+
+def to_canonical(raw: datasets.Dataset, task: GlueTask, source: str, *, stsb_buckets: bool,
+                 require_labels: bool = True) -> datasets.Dataset:
+    """Rename a split's columns to ``text_a``/``text_b``/``label`` and turn labels into class ids.
+
+    Labels given as names (``entailment``) are mapped through ``task.label_names``; STS-B scores
+    become buckets when ``stsb_buckets`` (paper §3.1.1). Unlabeled splits (GLUE test) get ``-1``.
+    """
+    columns = list(raw.column_names)
+    text_cols = [
+        _pick_column(columns, aliases, f"text field {i + 1} of {task.name}", source)
+        for i, aliases in enumerate(task.text_columns)
+    ]
+    label_col = next((c for c in task.label_columns if c in columns), None)
+    if label_col is None and require_labels:
+        _pick_column(columns, task.label_columns, f"the label of {task.name}", source)
+    index = {name: i for i, name in enumerate(task.label_names or ())}
+
+    def convert_label(value: Any) -> float | int:
+        if task.is_regression:
+            score = float(value)
+            return int(stsb_to_bucket(score)) if stsb_buckets else score
+        if isinstance(value, str):
+            value = value.strip()
+            if value in index:
+                return index[value]
+            if value.lstrip("-").isdigit():
+                value = int(value)
+            else:
+                raise ValueError(f"{source}: label {value!r} is not one of {list(index)}")
+        value = int(value)
+        if not 0 <= value < len(index) and value != -1:
+            raise ValueError(f"{source}: label {value} is out of range for {task.name} ({len(index)} classes)")
+        return value
+
+    def convert(batch: dict[str, list]) -> dict[str, list]:
+        out = {TEXT_A: [str(t) for t in batch[text_cols[0]]]}
+        if len(text_cols) > 1:
+            out[TEXT_B] = [str(t) for t in batch[text_cols[1]]]
+        n = len(out[TEXT_A])
+        out[LABEL] = [convert_label(v) for v in batch[label_col]] if label_col else [-1] * n
+        return out
+
+    features = {TEXT_A: datasets.Value("string")}
+    if len(text_cols) > 1:
+        features[TEXT_B] = datasets.Value("string")
+    regression = task.is_regression and not stsb_buckets
+    features[LABEL] = datasets.Value("float32" if regression else "int64")
+    return raw.map(convert, batched=True, remove_columns=columns, features=datasets.Features(features))
+
+
+def subsample(ds: datasets.Dataset, max_examples: int | None, seed: int) -> datasets.Dataset:
+    """The first ``max_examples`` of a seeded shuffle (all of them, shuffled, when ``None``)."""
+    ds = ds.shuffle(seed=seed)
+    if max_examples is not None and max_examples < len(ds):
+        ds = ds.select(range(max_examples))
+    return ds
+
+
+class GlueDataModule(pl.LightningDataModule):
+    """A GLUE task for fine-tuning, Fisher estimation and evaluation.
+
+    Data comes from the hub (``nyu-mll/glue``) unless ``data_dir`` (a folder holding the task's
+    released files, e.g. ``glue/RTE/train.tsv`` or ``RTE/train.tsv``) or explicit ``*_file`` paths
+    are given. The tokenizer defaults to the one of the model being trained.
+
+    Args:
+        task: GLUE task name in any usual spelling (``RTE``, ``sst2``, ``STS-B``, ``mnli_mismatched``).
+        stsb_buckets: STS-B as 25-way classification (paper §3.1.1) instead of regression.
+        max_train_examples / max_eval_examples: subsample (seeded shuffle) each split.
+        predict_split / max_predict_examples: what ``trainer.predict`` sees (Fisher estimation).
+    """
+
+    def __init__(
+        self,
+        task: str,
+        data_dir: str | None = None,
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        test_file: str | None = None,
+        tokenizer: str | None = None,
+        max_length: int = 128,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        max_train_examples: int | None = None,
+        max_eval_examples: int | None = None,
+        predict_split: str = "train",
+        max_predict_examples: int | None = None,
+        stsb_buckets: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.task = get_glue_task(task)
+        self.files = {"train": train_file, "validation": validation_file, "test": test_file}
+        self.data_dir = data_dir
+        self.tokenizer_name = tokenizer
+        self.tokenizer = None
+        self.splits: dict[str, datasets.Dataset] = {}
+
+    # -- what downstream stages ask of the data --------------------------------------------------
+    @property
+    def num_labels(self) -> int:
+        return num_labels_for(self.task, self.hparams.stsb_buckets)
+
+    @property
+    def label_names(self) -> list[str]:
+        if self.task.is_regression:
+            return [f"bucket_{i}" for i in range(self.num_labels)] if self.hparams.stsb_buckets else ["score"]
+        return list(self.task.label_names)
+
+    @property
+    def eval_set_names(self) -> list[str]:
+        return [self.task.name]
+
+    def task_metrics(self) -> TaskMetrics:
+        buckets = self.task.is_regression and self.hparams.stsb_buckets
+        return TaskMetrics(self.task.metrics, self.num_labels, stsb_bucket_centers() if buckets else None)
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _local_file(self, split: str) -> Path | None:
+        if self.files.get(split):
+            path = Path(self.files[split])
+            if not path.is_file():
+                raise FileNotFoundError(f"{split}_file {path} does not exist")
+            return path
+        if self.data_dir is None:
+            return None
+        root = Path(self.data_dir)
+        for folder in (root / self.task.local_dir, root):
+            for name in self.task.local_files.get(split, ()):
+                if (folder / name).is_file():
+                    return folder / name
+        if split == "test":
+            return None
+        raise FileNotFoundError(
+            f"No {split} file for {self.task.name} under {root}: looked for "
+            f"{list(self.task.local_files.get(split, ()))} in {root / self.task.local_dir} and {root}"
+        )
+
+    def load_split(self, split: str) -> datasets.Dataset:
+        """One split in canonical columns (``text_a``, ``text_b``, ``label``), not yet tokenized."""
+        path = self._local_file(split)
+        if path is not None:
+            raw, source = _read_file(path, self.task), str(path)
+        elif self.data_dir is None and not any(self.files.values()):
+            raw = datasets.load_dataset(HUB_DATASET, self.task.hub_config, split=self.task.hub_splits[split])
+            source = f"{HUB_DATASET}/{self.task.hub_config}:{split}"
+        else:
+            raise FileNotFoundError(f"No {split} split given for {self.task.name}")
+        if len(raw) == 0:
+            raise ValueError(f"{source} holds no examples")
+        return to_canonical(raw, self.task, source, stsb_buckets=self.hparams.stsb_buckets,
+                            require_labels=split != "test")
+
+    def _resolve_tokenizer(self):
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_name is not None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        else:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            backbone = getattr(module, "backbone", None)
+            if getattr(backbone, "tokenizer", None) is None:
+                raise ValueError("GlueDataModule needs `tokenizer`, or a model whose backbone has one")
+            self.tokenizer = backbone.tokenizer
+        return self.tokenizer
+
+    def _tokenize(self, ds: datasets.Dataset) -> datasets.Dataset:
+        tokenizer = self._resolve_tokenizer()
+        has_pair = TEXT_B in ds.column_names
+
+        def encode(batch):
+            pair = (batch[TEXT_A], batch[TEXT_B]) if has_pair else (batch[TEXT_A],)
+            return tokenizer(*pair, truncation=True, max_length=self.hparams.max_length)
+
+        encoded = ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c != LABEL])
+        return encoded.rename_column(LABEL, "labels")
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        wanted = {
+            "fit": [("train", hp.max_train_examples), ("validation", hp.max_eval_examples)],
+            "validate": [("validation", hp.max_eval_examples)],
+            "test": [("test", hp.max_eval_examples)],
+            "predict": [(hp.predict_split, hp.max_predict_examples)],
+        }.get(stage or "fit", [])
+        for split, limit in wanted:
+            if split not in self.splits:
+                self.splits[split] = self._tokenize(subsample(self.load_split(split), limit, hp.seed))
+
+    # -- loaders ---------------------------------------------------------------------------------
+    def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Dynamic padding: each batch is padded to its own longest sequence."""
+        labels = torch.tensor([f["labels"] for f in features])
+        encoded = [{k: v for k, v in f.items() if k != "labels"} for f in features]
+        batch = dict(self.tokenizer.pad(encoded, return_tensors="pt"))
+        batch["labels"] = labels
+        return batch
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+                          num_workers=self.hparams.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.predict_split, self.hparams.batch_size, shuffle=False)

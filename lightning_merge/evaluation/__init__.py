@@ -1,0 +1,3 @@
+from lightning_merge.evaluation.metrics import TaskMetrics
+
+__all__ = ["TaskMetrics"]

@@ -1,0 +1,3 @@
+from lightning_merge.modules.finetune import FineTuneModule
+
+__all__ = ["FineTuneModule"]

@@ -1,0 +1,70 @@
+"""Tiny local models and GLUE files in the released formats: nothing here touches a hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = ("the a cat dog sat on mat is not good bad movie film it was great awful man woman runs "
+         "walks park city in red blue what who why how question answer same different yes no").split()
+
+SENTENCES = ["the cat sat on the mat", "a dog runs in the park", "the movie was great", "it is not good",
+             "a man walks in the city", "the film was awful", "who is the woman", "what is red"]
+
+NLI3 = ["entailment", "neutral", "contradiction"]
+
+
+def _rows(n: int, make) -> list[list[str]]:
+    return [make(i, SENTENCES[i % len(SENTENCES)], SENTENCES[(i + 3) % len(SENTENCES)]) for i in range(n)]
+
+
+# task dir -> (header row, or None where the release has none; row builder)
+GLUE_FILES = {
+    "CoLA": (None, lambda i, a, b: ["src", str(i % 2), "*" if i % 2 == 0 else "", a]),
+    "SST-2": (["sentence", "label"], lambda i, a, b: [a, str(i % 2)]),
+    "MRPC": (["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"], lambda i, a, b: [str(i % 2), "1", "2", a, b]),
+    "STS-B": (["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
+               "score"], lambda i, a, b: [str(i), "main", "f", "2012", "0", "s", "s", a, b, f"{(i * 0.7) % 5:.3f}"]),
+    "QQP": (["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+            lambda i, a, b: [str(i), "1", "2", a, b, str(i % 2)]),
+    "MNLI": (["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"],
+             lambda i, a, b: [str(i), "1", "1", "fiction", "( x )", "( y )", "(x)", "(y)", a, b, NLI3[i % 3],
+                              NLI3[i % 3]]),
+    "QNLI": (["index", "question", "sentence", "label"],
+             lambda i, a, b: [str(i), a, b, ["entailment", "not_entailment"][i % 2]]),
+    "RTE": (["index", "sentence1", "sentence2", "label"],
+            lambda i, a, b: [str(i), a, b, ["entailment", "not_entailment"][i % 2]]),
+    "WNLI": (["index", "sentence1", "sentence2", "label"], lambda i, a, b: [str(i), a, b, str(i % 2)]),
+}
+
+
+def write_glue_dir(root: Path, n_train: int = 24, n_dev: int = 10) -> Path:
+    """A GLUE data directory (``root/RTE/train.tsv`` ...) with every task in its released format."""
+    for task, (header, make) in GLUE_FILES.items():
+        folder = root / task
+        folder.mkdir(parents=True, exist_ok=True)
+        dev_names = ["dev_matched.tsv", "dev_mismatched.tsv"] if task == "MNLI" else ["dev.tsv"]
+        for name, n in [("train.tsv", n_train)] + [(d, n_dev) for d in dev_names]:
+            lines = ([header] if header else []) + _rows(n, make)
+            (folder / name).write_text("".join("\t".join(cells) + "\n" for cells in lines))
+    return root
+
+
+def write_tiny_bert(directory: Path, num_labels: int = 2) -> Path:
+    """A 2-layer, hidden-32 BERT classifier with a WordPiece tokenizer over :data:`WORDS`."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    vocab_file = directory / "vocab.txt"
+    vocab_file.write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(vocab_file=str(vocab_file))
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64, num_labels=num_labels)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+TINY_VIT = dict(model_name="vit_tiny_patch16_224", img_size=8, patch_size=2,
+                model_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 4})

@@ -1,0 +1,92 @@
+"""End-to-end fine-tuning through the real `lightning-merge` entry point, offline."""
+
+import io
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_merge.backbones import load_backbone
+from lightning_merge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs/trainer/cpu_smoke.yaml")
+
+
+def _write(path: Path, config: dict) -> str:
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_fit_tiny_bert_on_local_glue_exports_a_reloadable_model(tiny_bert3, glue_dir, tmp_path):
+    config = _write(tmp_path / "bert.yaml", {
+        "model": {"class_path": "lightning_merge.modules.FineTuneModule",
+                  "init_args": {"backbone": {"class_path": "lightning_merge.backbones.HFTextClassifier",
+                                             "init_args": {"name_or_path": str(tiny_bert3), "num_labels": 3}},
+                                "learning_rate": 1e-3, "l2_to_pretrained": 3e-4,
+                                "export_dir": str(tmp_path / "export")}},
+        "data": {"class_path": "lightning_merge.data.GlueDataModule",
+                 "init_args": {"task": "mnli", "data_dir": str(glue_dir), "batch_size": 4}},
+        "trainer": {"default_root_dir": str(tmp_path / "run")},
+    })
+    cli = main(["fit", "--config", SMOKE, "--config", config])
+    assert cli.trainer.global_step == 4
+    assert "val/score" in cli.trainer.callback_metrics
+    assert "val/mnli/accuracy" in cli.trainer.callback_metrics
+    trained = cli.model.backbone.eval()
+    reloaded = load_backbone(tmp_path / "export").eval()
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(batch), trained(batch), rtol=0, atol=0)
+    # Training moved the weights away from the tiny BERT it started from.
+    assert not torch.equal(reloaded.model.classifier.weight, load_backbone(tiny_bert3).model.classifier.weight)
+
+
+def test_fit_tiny_vit_on_digits_with_ood_sets(tmp_path):
+    cli = main(["fit", "--config", SMOKE, "--config", str(ROOT / "configs/data/digits.yaml"),
+                "--config", str(ROOT / "configs/model/vit_tiny_digits.yaml"),
+                "--model.init_args.backbone.init_args.model_kwargs", "{embed_dim: 32, depth: 2, num_heads: 4}",
+                "--data.init_args.eval_shifts", "[rotate, invert]",
+                "--model.init_args.export_dir", str(tmp_path / "export"),
+                "--trainer.default_root_dir", str(tmp_path / "run")])
+    metrics = cli.trainer.callback_metrics
+    assert {"val/iid/accuracy", "val/rotate/accuracy", "val/invert/accuracy"} <= set(metrics)
+    assert load_backbone(tmp_path / "export").num_labels == 10
+
+
+def test_label_count_mismatch_is_named(tiny_bert, glue_dir, tmp_path):
+    with pytest.raises(ValueError, match="head has 2 outputs but the data has 3 labels"):
+        main(["fit", "--config", SMOKE,
+              "--model", "lightning_merge.modules.FineTuneModule",
+              "--model.backbone", "lightning_merge.backbones.HFTextClassifier",
+              "--model.backbone.name_or_path", str(tiny_bert),
+              "--data", "lightning_merge.data.GlueDataModule", "--data.task", "mnli",
+              "--data.data_dir", str(glue_dir), "--trainer.default_root_dir", str(tmp_path)])
+
+
+def _yaml_files():
+    return sorted(p for d in ("configs", "recipes") for p in (ROOT / d).rglob("*.yaml"))
+
+
+def test_print_config_is_complete_and_reusable(tmp_path):
+    args = ["fit", "--config", str(ROOT / "configs/data/digits.yaml"),
+            "--config", str(ROOT / "configs/model/vit_tiny_digits.yaml")]
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit):
+        main([*args, "--print_config"])
+    printed = yaml.safe_load(out.getvalue())
+    assert printed["model"]["init_args"]["backbone"]["init_args"]["patch_size"] == 2
+    assert printed["data"]["init_args"]["source"] == "digits"
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(out.getvalue())
+    again = io.StringIO()
+    with redirect_stdout(again), pytest.raises(SystemExit):
+        main(["fit", "--config", str(saved), "--print_config"])
+    assert yaml.safe_load(again.getvalue()) == printed
+
+
+@pytest.mark.parametrize("path", _yaml_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_yaml_parses(path):
+    assert isinstance(yaml.safe_load(path.read_text()), dict)

@@ -1,0 +1,62 @@
+"""Which logit-space directions to back-propagate for each Fisher variant (plain tensor math).
+
+Every variant of the diagonal Fisher (NeurIPS paper eq. 2 / arXiv eq. 3) is, per example ``i``,
+``Σ_k (J_iᵀ v_ik)²`` where ``J_i = ∂z_i/∂θ`` is the Jacobian of the logits ``z_i`` and ``v_ik`` are
+directions in logit space, because ``∇θ log p(y|x_i) = J_iᵀ(e_y − p_i)`` for a softmax output:
+
+* ``exact``: ``E_{y~p}[(∇ log p_y)²] = diag(J_iᵀ (diag p_i − p_i p_iᵀ) J_i)``. That C×C matrix is
+  positive semi-definite with rank ≤ C−1 (the all-ones vector is in its null space), so its
+  eigenvectors scaled by √eigenvalue give the *exact* expectation with C−1 backward passes.
+* ``sampled``: ``k`` labels drawn from the model's own ``p_i``, directions ``(e_y − p_i)/√k``.
+* ``empirical``: the true label, ``e_y − p_i`` (the "empirical Fisher": a different quantity).
+* one output (regression, Gaussian likelihood of unit variance): ``∇θ log p = ∂z/∂θ · (y − z)``,
+  whose expectation over ``y`` is ``(∂z/∂θ)²``: the direction is ``1``.
+
+Returned shape: ``(K, B, C)``; each ``[k]`` is one ``grad_outputs`` for the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VARIANTS = ("exact", "sampled", "empirical")
+
+
+def exact_directions(logits: torch.Tensor) -> torch.Tensor:
+    """``(C−1, B, C)`` directions whose squared Jacobian products sum to the exact expectation."""
+    p = torch.softmax(logits.detach().double(), dim=-1)
+    covariance = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending; the first is the null direction
+    scaled = eigenvectors[..., 1:] * eigenvalues[:, None, 1:].clamp(min=0).sqrt()
+    return scaled.permute(2, 0, 1).to(logits.dtype)
+
+
+def sampled_directions(logits: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+                       ) -> torch.Tensor:
+    """``(k, B, C)``: ``(e_y − p)/√k`` for ``k`` labels ``y ~ p(y|x)`` per example."""
+    p = torch.softmax(logits.detach().float(), dim=-1)
+    labels = torch.multinomial(p.cpu(), num_samples, replacement=True, generator=generator).to(p.device)
+    onehot = torch.nn.functional.one_hot(labels.T, p.shape[-1]).to(p.dtype)  # (k, B, C)
+    return ((onehot - p) / num_samples**0.5).to(logits.dtype)
+
+
+def empirical_directions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(1, B, C)``: ``e_y − p`` for the true labels."""
+    p = torch.softmax(logits.detach().float(), dim=-1)
+    onehot = torch.nn.functional.one_hot(labels, p.shape[-1]).to(p.dtype)
+    return (onehot - p).unsqueeze(0).to(logits.dtype)
+
+
+def logit_directions(logits: torch.Tensor, variant: str, labels: torch.Tensor | None = None,
+                     num_samples: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown Fisher variant {variant!r}; choose one of {VARIANTS}")
+    if logits.shape[-1] == 1:
+        return torch.ones(1, *logits.shape, dtype=logits.dtype, device=logits.device)
+    if variant == "exact":
+        return exact_directions(logits)
+    if variant == "sampled":
+        return sampled_directions(logits, num_samples, generator)
+    if labels is None:
+        raise ValueError("the empirical Fisher needs the true labels")
+    return empirical_directions(logits, labels)

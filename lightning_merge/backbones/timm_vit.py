@@ -64,7 +64,7 @@ class TimmViT(Backbone):
         size, patch = args.get("img_size"), args.get("patch_size")
         if size is not None and patch is not None and size % patch != 0:
             raise ValueError(f"img_size={size} is not divisible by patch_size={patch}")
-        self.model_name, self.model_args = model_name, args
+        self.model_name, self.model_args, self.checkpoint = model_name, args, checkpoint
         self.model = timm.create_model(model_name, pretrained=pretrained and state is None, **args)
         self.head_prefixes = (self.model.default_cfg.get("classifier", "head") + ".",)
         if state is not None:

@@ -9,6 +9,7 @@ from typing import Any
 import datasets
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_merge.data.glue_tasks import (
@@ -106,6 +107,8 @@ def subsample(ds: datasets.Dataset, max_examples: int | None, seed: int) -> data
     ds = ds.shuffle(seed=seed)
     if max_examples is not None and max_examples < len(ds):
         ds = ds.select(range(max_examples))
+    elif max_examples is not None and max_examples > len(ds):
+        rank_zero_warn(f"Asked for {max_examples} examples but the split has {len(ds)}: using all {len(ds)}")
     return ds
 
 

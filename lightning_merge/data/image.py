@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_merge.data.shifts import get_shift
@@ -177,6 +178,8 @@ class ImageDataModule(pl.LightningDataModule):
         ds = self._dataset("train", hp.train_shift)
         if hp.max_predict_examples is not None and hp.max_predict_examples < len(ds):
             ds = torch.utils.data.Subset(ds, range(hp.max_predict_examples))
+        elif hp.max_predict_examples is not None and hp.max_predict_examples > len(ds):
+            rank_zero_warn(f"Asked for {hp.max_predict_examples} examples but the split has {len(ds)}: using all")
         return self._loader(ds, hp.batch_size, False)
 
 

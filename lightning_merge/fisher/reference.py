@@ -1,0 +1,33 @@
+"""The slow, obviously-correct diagonal Fisher (NeurIPS paper eq. 2): one example and one label at a
+time, plain autograd. Tests hold the fast engine to it; nothing else should call it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def reference_fisher_sums(model: nn.Module, forward: Callable[[int], torch.Tensor], num_examples: int,
+                          variant: str = "exact", labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``Σ_i E_y (∇θ log p(y|x_i))²`` (not yet divided by N), for ``exact`` or ``empirical``.
+
+    ``forward(i)`` returns the logits ``(1, C)`` of example ``i`` alone.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    for i in range(num_examples):
+        logits = forward(i)[0]
+        if logits.numel() == 1:
+            weighted = [(1.0, logits[0])]  # Gaussian, unit variance: E_y (∂z (y − z))² = (∂z)²
+        else:
+            log_p = torch.log_softmax(logits.double(), -1)
+            classes = range(len(log_p)) if variant == "exact" else [int(labels[i])]
+            weighted = [(log_p[c].exp().item() if variant == "exact" else 1.0, log_p[c]) for c in classes]
+        for weight, target in weighted:
+            grads = torch.autograd.grad(target, list(params.values()), retain_graph=True, allow_unused=True)
+            for (name, _), g in zip(params.items(), grads):
+                if g is not None:
+                    sums[name] += weight * g.double() ** 2
+    return sums

@@ -1,0 +1,103 @@
+"""Stage 3: estimate a fine-tuned model's diagonal Fisher with ``trainer.predict`` on 1..N devices."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+import lightning_merge
+from lightning_merge.backbones import Backbone
+from lightning_merge.fisher.directions import VARIANTS, logit_directions
+from lightning_merge.fisher.io import save_fisher
+from lightning_merge.fisher.per_example import PerExampleSquaredGradients
+
+AUTO = "auto"
+
+
+class FisherEstimationModule(pl.LightningModule):
+    """``F = 1/N Σ_i E_{y~p(y|x_i)} (∇θ log p(y|x_i))²`` (NeurIPS paper eq. 2) over the examples that
+    the data module's ``predict_dataloader`` yields (its ``max_predict_examples``, seeded; paper
+    §3.1.1 uses 4096 training examples), written to ``output`` as safetensors.
+
+    Run with ``lightning-merge predict`` and ``trainer.inference_mode: false`` (predict runs under
+    inference mode by default, where no gradient exists). On several devices each rank sums its own
+    examples; the sums and the example count are added across ranks and divided once.
+
+    Args:
+        backbone: the fine-tuned model (e.g. a fine-tune stage's ``export`` directory).
+        output: the ``.safetensors`` file to write.
+        variant: ``exact`` (expectation over all labels), ``sampled`` (``num_samples`` labels from the
+            model's own ``p``), ``empirical`` (the true label: a different quantity, for comparison),
+            or ``auto``: exact up to ``max_exact_classes`` classes, else sampled.
+        seed: for the sampled labels (each rank offsets it by its rank).
+    """
+
+    def __init__(self, backbone: Backbone, output: str, variant: str = AUTO, num_samples: int = 1,
+                 max_exact_classes: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        if variant not in (*VARIANTS, AUTO):
+            raise ValueError(f"Unknown Fisher variant {variant!r}; choose one of {(*VARIANTS, AUTO)}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone
+        if variant == AUTO:
+            variant = "exact" if backbone.num_labels <= max_exact_classes else "sampled"
+        self.variant = variant
+        self.engine: PerExampleSquaredGradients | None = None
+        self.num_examples = 0
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and datamodule.num_labels != self.backbone.num_labels:
+            raise ValueError(f"The model's head has {self.backbone.num_labels} outputs but the data has "
+                             f"{datamodule.num_labels} labels: is this the model fine-tuned on this task?")
+
+    def on_predict_start(self) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("Fisher estimation needs gradients: run predict with `--trainer.inference_mode "
+                               "false` (trainer.inference_mode: false in YAML)")
+        self.backbone.eval()
+        self.engine = PerExampleSquaredGradients(self.backbone.model)
+        self.generator = torch.Generator().manual_seed(self.hparams.seed + self.global_rank)
+        self.num_examples = 0
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # No collective here: ranks may run different numbers of batches.
+        size = len(batch["labels"])
+        with self.engine.capture(size):
+            logits = self.backbone(batch)
+            directions = logit_directions(logits, self.variant, batch["labels"], self.hparams.num_samples,
+                                          self.generator)
+            self.engine.accumulate(logits, directions)
+        self.num_examples += size
+
+    def on_predict_end(self) -> None:
+        engine, self.engine = self.engine, None
+        engine.detach()
+        strategy = self.trainer.strategy
+        # Lightning's reduce defaults to *mean*: ask for the sum.
+        total = int(strategy.reduce(torch.tensor(float(self.num_examples), device=self.device), reduce_op="sum"))
+        if total == 0:
+            raise ValueError("Fisher estimation saw no examples: the predict dataset is empty")
+        fisher = {name: strategy.reduce(s, reduce_op="sum") / total for name, s in engine.sums.items()}
+        if self.trainer.is_global_zero:
+            save_fisher(self.hparams.output, fisher, self.metadata(total))
+            rank_zero_info(f"Wrote the {self.variant} Fisher of {total} examples to {self.hparams.output}")
+        strategy.barrier()
+
+    def metadata(self, num_examples: int) -> dict[str, object]:
+        datamodule = self.trainer.datamodule
+        hp = getattr(datamodule, "hparams", {})
+        return {
+            "num_examples": num_examples,
+            "variant": self.variant,
+            "samples_per_example": self.hparams.num_samples if self.variant == "sampled" else 0,
+            "num_labels": self.backbone.num_labels,
+            "model_source": str(getattr(self.backbone, "name_or_path", None)
+                                or getattr(self.backbone, "checkpoint", None) or self.backbone.family),
+            "dataset": f"{type(datamodule).__name__}:{hp.get('task', hp.get('source', ''))}",
+            "split": str(hp.get("predict_split", "train")),
+            "library_version": f"lightning_merge {lightning_merge.__version__}",
+        }

@@ -1,0 +1,123 @@
+"""The fast per-example Fisher engine against a batch-1 loop over examples and labels."""
+
+import pytest
+import torch
+
+from lightning_merge.backbones import HFTextClassifier, TimmViT
+from lightning_merge.fisher.directions import exact_directions, logit_directions, sampled_directions
+from lightning_merge.fisher.per_example import PerExampleSquaredGradients
+from lightning_merge.fisher.reference import reference_fisher_sums
+from tests.fixtures import SENTENCES, TINY_VIT, write_tiny_bert
+
+
+def fast_sums(backbone, batch, variant, labels=None, num_samples=1):
+    engine = PerExampleSquaredGradients(backbone.model)
+    try:
+        with engine.capture(len(batch["labels"])):
+            logits = backbone(batch)
+            directions = logit_directions(logits, variant, labels, num_samples,
+                                          torch.Generator().manual_seed(0))
+            engine.accumulate(logits, directions)
+    finally:
+        engine.detach()
+    return engine.sums
+
+
+def assert_matches(fast, slow, rtol=1e-5):
+    scale = max(v.abs().max().item() for v in slow.values())
+    for name, ref in slow.items():
+        # Key biases have Fisher exactly 0 (softmax is shift invariant): compare those absolutely.
+        if ref.abs().max() <= 1e-6 * scale:
+            assert fast[name].abs().max() <= 1e-6 * scale, name
+            continue
+        err = ((fast[name].double() - ref).abs().max() / ref.abs().max()).item()
+        assert err <= rtol, f"{name}: relative error {err:.2e}"
+
+
+def bert_batch(backbone, n=5):
+    texts = [SENTENCES[i % len(SENTENCES)] + " the" * i for i in range(n)]  # different lengths → padding
+    batch = dict(backbone.tokenizer(texts, [SENTENCES[(i + 3) % 8] for i in range(n)], padding=True,
+                                    return_tensors="pt"))
+    batch["labels"] = torch.arange(n) % backbone.num_labels
+    return batch
+
+
+def slice_batch(batch, i):
+    return {k: v[i:i + 1] for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("num_labels", [2, 3, 25])
+def test_bert_exact_fisher_matches_per_example_loop(tmp_path, num_labels):
+    torch.manual_seed(0)
+    backbone = HFTextClassifier(str(write_tiny_bert(tmp_path, num_labels=num_labels))).eval().double()
+    batch = bert_batch(backbone)
+    slow = reference_fisher_sums(backbone.model, lambda i: backbone(slice_batch(batch, i)), 5)
+    assert_matches(fast_sums(backbone, batch, "exact"), slow)
+
+
+def test_bert_empirical_and_regression(tmp_path):
+    backbone = HFTextClassifier(str(write_tiny_bert(tmp_path / "c", num_labels=3))).eval().double()
+    batch = bert_batch(backbone)
+    slow = reference_fisher_sums(backbone.model, lambda i: backbone(slice_batch(batch, i)), 5, "empirical",
+                                 batch["labels"])
+    assert_matches(fast_sums(backbone, batch, "empirical", batch["labels"]), slow)
+    regression = HFTextClassifier(str(write_tiny_bert(tmp_path / "r", num_labels=1))).eval().double()
+    slow = reference_fisher_sums(regression.model, lambda i: regression(slice_batch(batch, i)), 5)
+    assert_matches(fast_sums(regression, batch, "exact"), slow)
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_vit_exact_fisher_matches_per_example_loop(num_classes):
+    torch.manual_seed(0)
+    backbone = TimmViT(num_classes=num_classes, **TINY_VIT).eval().double()
+    batch = {"pixel_values": torch.randn(4, 3, 8, 8, dtype=torch.float64), "labels": torch.zeros(4).long()}
+    slow = reference_fisher_sums(backbone.model, lambda i: backbone(slice_batch(batch, i)), 4)
+    fast = fast_sums(backbone, batch, "exact")
+    assert {"pos_embed", "cls_token", "patch_embed.proj.weight"} <= set(fast)
+    assert_matches(fast, slow)
+
+
+def test_squaring_a_batch_gradient_is_caught(tmp_path):
+    """FusionBench-style (∇ of the batch-summed objective)² differs from eq. 2 — our check sees it."""
+    backbone = HFTextClassifier(str(write_tiny_bert(tmp_path, num_labels=3))).eval().double()
+    batch = bert_batch(backbone)
+    slow = reference_fisher_sums(backbone.model, lambda i: backbone(slice_batch(batch, i)), 5)
+    params = dict(backbone.model.named_parameters())
+    log_p = torch.log_softmax(backbone(batch), -1)
+    wrong = {n: torch.zeros_like(p) for n, p in params.items()}
+    for c in range(3):
+        grads = torch.autograd.grad((log_p[:, c].exp().detach() * log_p[:, c]).sum(), list(params.values()),
+                                    retain_graph=True)
+        for n, g in zip(params, grads):
+            wrong[n] += g**2
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_matches(wrong, slow)
+
+
+def test_exact_directions_reproduce_the_label_covariance():
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    v = exact_directions(logits)
+    assert v.shape == (3, 6, 4)
+    p = torch.softmax(logits, -1)
+    covariance = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    torch.testing.assert_close(torch.einsum("kbi,kbj->bij", v, v), covariance)
+
+
+def test_sampled_converges_to_exact():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, dtype=torch.float64)
+    p = torch.softmax(logits, -1)
+    covariance = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    errors = []
+    for k in (10, 10000):
+        v = sampled_directions(logits, k, torch.Generator().manual_seed(1))
+        errors.append((torch.einsum("kbi,kbj->bij", v, v) - covariance).abs().max().item())
+    assert errors[1] < 0.02 and errors[1] < errors[0] / 5
+
+
+def test_parameters_are_restored_after_detach(tiny_bert):
+    backbone = HFTextClassifier(str(tiny_bert))
+    engine = PerExampleSquaredGradients(backbone.model)
+    assert not any(p.requires_grad for p in backbone.parameters())
+    engine.detach()
+    assert all(p.requires_grad for p in backbone.parameters())

@@ -40,6 +40,10 @@ class Backbone(nn.Module, ABC):
     def _export_files(self, directory: Path) -> dict:
         """Write the native files into ``directory``; return what the manifest needs to rebuild."""
 
+    def mask_sites(self) -> list:
+        """Where mask-node Fisher masks go (:class:`lightning_merge.fisher.masks.MaskSite`, paper 003 §3)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define mask sites")
+
     def is_head(self, name: str) -> bool:
         return name.startswith(self.head_prefixes)
 

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lightning_merge.backbones.base import Backbone
+from lightning_merge.fisher.masks import FFN, HEADS, MaskSite
 
 PACKAGE_SCHEME = "pkg:"
 
@@ -73,6 +74,28 @@ class HFTextClassifier(Backbone):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         return self.model(**inputs).logits
+
+    def mask_sites(self) -> list[MaskSite]:
+        """BERT-family layout (BERT, RoBERTa, ...): heads on ``attention.self``'s output, FFN units on
+        ``intermediate``'s output (after the activation)."""
+        prefix = self.model.base_model_prefix
+        encoder = getattr(self.model.base_model, "encoder", None)
+        layers = getattr(encoder, "layer", None)
+        if layers is None or not hasattr(layers[0], "intermediate"):
+            raise NotImplementedError(
+                f"mask sites are defined for BERT-style encoders, not {type(self.model).__name__}")
+        config = self.model.config
+        heads = config.num_attention_heads
+        sites = []
+        for i, layer in enumerate(layers):
+            base = f"{prefix}.encoder.layer.{i}"
+            sites.append(MaskSite(f"{HEADS}:{base}.attention.self", HEADS, heads, layer.attention.self,
+                                  head_dim=config.hidden_size // heads,
+                                  qk=[(f"{base}.attention.self.query", 0), (f"{base}.attention.self.key", 0)],
+                                  v=(f"{base}.attention.self.value", 0), out=f"{base}.attention.output.dense"))
+            sites.append(MaskSite(f"{FFN}:{base}.intermediate", FFN, config.intermediate_size, layer.intermediate,
+                                  gated=f"{base}.intermediate.dense", out=f"{base}.output.dense"))
+        return sites
 
     def _export_files(self, directory: Path) -> dict:
         self.model.save_pretrained(directory, safe_serialization=True)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lightning_merge.backbones.base import Backbone, read_manifest
+from lightning_merge.fisher.masks import FFN, HEADS, MaskSite
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -97,6 +98,22 @@ class TimmViT(Backbone):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(batch["pixel_values"])
+
+    def mask_sites(self) -> list[MaskSite]:
+        """Heads on the input of ``attn.proj`` (the per-head context, fused attention or not), FFN units
+        on the input of ``mlp.fc2``. Q, K, V are the three row blocks of the fused ``attn.qkv``."""
+        sites = []
+        for i, block in enumerate(self.model.blocks):
+            base, attn = f"blocks.{i}", block.attn
+            if not hasattr(attn, "qkv"):
+                raise NotImplementedError(f"{base}.attn has no fused qkv layer")
+            dim = attn.num_heads * attn.head_dim
+            sites.append(MaskSite(f"{HEADS}:{base}.attn", HEADS, attn.num_heads, attn.proj, pre=True,
+                                  head_dim=attn.head_dim, qk=[(f"{base}.attn.qkv", 0), (f"{base}.attn.qkv", dim)],
+                                  v=(f"{base}.attn.qkv", 2 * dim), out=f"{base}.attn.proj"))
+            sites.append(MaskSite(f"{FFN}:{base}.mlp", FFN, block.mlp.fc1.out_features, block.mlp.fc2, pre=True,
+                                  gated=f"{base}.mlp.fc1", out=f"{base}.mlp.fc2"))
+        return sites
 
     def _export_files(self, directory: Path) -> dict:
         state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}

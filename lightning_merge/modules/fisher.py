@@ -10,9 +10,11 @@ import lightning_merge
 from lightning_merge.backbones import Backbone
 from lightning_merge.fisher.directions import VARIANTS, logit_directions
 from lightning_merge.fisher.io import save_fisher
+from lightning_merge.fisher.masks import MaskHooks, accumulate_mask_fisher
 from lightning_merge.fisher.per_example import PerExampleSquaredGradients
 
 AUTO = "auto"
+FULL, MASK = "full", "mask"
 
 
 class FisherEstimationModule(pl.LightningModule):
@@ -27,15 +29,19 @@ class FisherEstimationModule(pl.LightningModule):
     Args:
         backbone: the fine-tuned model (e.g. a fine-tune stage's ``export`` directory).
         output: the ``.safetensors`` file to write.
+        kind: ``full`` (every parameter) or ``mask`` (one mask per attention head and FFN unit; paper
+            003 §3, eq. 4), stored compactly with its layout and expanded only when merging.
         variant: ``exact`` (expectation over all labels), ``sampled`` (``num_samples`` labels from the
             model's own ``p``), ``empirical`` (the true label: a different quantity, for comparison),
             or ``auto``: exact up to ``max_exact_classes`` classes, else sampled.
         seed: for the sampled labels (each rank offsets it by its rank).
     """
 
-    def __init__(self, backbone: Backbone, output: str, variant: str = AUTO, num_samples: int = 1,
+    def __init__(self, backbone: Backbone, output: str, variant: str = AUTO, kind: str = FULL, num_samples: int = 1,
                  max_exact_classes: int = 64, seed: int = 0) -> None:
         super().__init__()
+        if kind not in (FULL, MASK):
+            raise ValueError(f"Unknown Fisher kind {kind!r}; choose {FULL!r} (every parameter) or {MASK!r}")
         if variant not in (*VARIANTS, AUTO):
             raise ValueError(f"Unknown Fisher variant {variant!r}; choose one of {(*VARIANTS, AUTO)}")
         if num_samples < 1:
@@ -59,29 +65,53 @@ class FisherEstimationModule(pl.LightningModule):
             raise RuntimeError("Fisher estimation needs gradients: run predict with `--trainer.inference_mode "
                                "false` (trainer.inference_mode: false in YAML)")
         self.backbone.eval()
-        self.engine = PerExampleSquaredGradients(self.backbone.model)
+        if self.hparams.kind == MASK:
+            self.mask_hooks = MaskHooks(self.backbone.mask_sites())
+            self.mask_hooks.install()
+            self.mask_sums: dict[str, torch.Tensor] = {}
+            # Only the masks need gradients: no weight-gradient work at all.
+            self._frozen = [p for p in self.backbone.parameters() if p.requires_grad]
+            for p in self._frozen:
+                p.requires_grad_(False)
+        else:
+            self.engine = PerExampleSquaredGradients(self.backbone.model)
         self.generator = torch.Generator().manual_seed(self.hparams.seed + self.global_rank)
         self.num_examples = 0
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # No collective here: ranks may run different numbers of batches.
         size = len(batch["labels"])
-        with self.engine.capture(size):
-            logits = self.backbone(batch)
-            directions = logit_directions(logits, self.variant, batch["labels"], self.hparams.num_samples,
-                                          self.generator)
-            self.engine.accumulate(logits, directions)
+        if self.hparams.kind == MASK:
+            with torch.enable_grad():
+                masks = self.mask_hooks.ones(size, self.device)
+                logits = self.backbone(batch)
+                accumulate_mask_fisher(self.mask_sums, logits, masks, self._directions(logits, batch))
+        else:
+            with self.engine.capture(size):
+                logits = self.backbone(batch)
+                self.engine.accumulate(logits, self._directions(logits, batch))
         self.num_examples += size
 
+    def _directions(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return logit_directions(logits, self.variant, batch["labels"], self.hparams.num_samples, self.generator)
+
     def on_predict_end(self) -> None:
-        engine, self.engine = self.engine, None
-        engine.detach()
+        if self.hparams.kind == MASK:
+            self.mask_hooks.remove()
+            for p in self._frozen:
+                p.requires_grad_(True)
+            sums = {s.name: self.mask_sums.get(s.name, torch.zeros(s.units, device=self.device))
+                    for s in self.mask_hooks.sites}
+        else:
+            engine, self.engine = self.engine, None
+            engine.detach()
+            sums = engine.sums
         strategy = self.trainer.strategy
         # Lightning's reduce defaults to *mean*: ask for the sum.
         total = int(strategy.reduce(torch.tensor(float(self.num_examples), device=self.device), reduce_op="sum"))
         if total == 0:
             raise ValueError("Fisher estimation saw no examples: the predict dataset is empty")
-        fisher = {name: strategy.reduce(s, reduce_op="sum") / total for name, s in engine.sums.items()}
+        fisher = {name: strategy.reduce(s, reduce_op="sum") / total for name, s in sums.items()}
         if self.trainer.is_global_zero:
             save_fisher(self.hparams.output, fisher, self.metadata(total))
             rank_zero_info(f"Wrote the {self.variant} Fisher of {total} examples to {self.hparams.output}")
@@ -93,6 +123,9 @@ class FisherEstimationModule(pl.LightningModule):
         return {
             "num_examples": num_examples,
             "variant": self.variant,
+            "kind": self.hparams.kind,
+            **({"mask_layout": {s.name: s.layout() for s in self.mask_hooks.sites}}
+               if self.hparams.kind == MASK else {}),
             "samples_per_example": self.hparams.num_samples if self.variant == "sampled" else 0,
             "num_labels": self.backbone.num_labels,
             "model_source": str(getattr(self.backbone, "name_or_path", None)

@@ -1,0 +1,160 @@
+"""Mask-node Fisher (paper 003, §3): one mask per attention head and per FFN intermediate unit.
+
+Masks of ones multiply the per-head attention context and the FFN intermediate activations; they
+never change the model's output while they are 1, and the Fisher of each mask (003, eq. 4) is a cheap
+stand-in for the Fisher of the parameters it gates. Masks are applied with hooks on the model's own
+modules (transformers 5 has no ``head_mask``). Each example gets its own copy of the masks, so
+``autograd.grad`` with respect to them returns per-example gradients directly.
+
+The compact result (``H`` or ``D`` numbers per layer) is expanded to parameter shapes only when
+merging, by :func:`expand_mask_fisher`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+HEADS, FFN = "heads", "ffn"
+PAPER, RELEASED = "paper", "released"
+
+
+@dataclass
+class MaskSite:
+    """Where one layer's masks act, and which parameters they stand for.
+
+    ``module`` is hooked on its output (``pre=False``) or on its input (``pre=True``); the activation's
+    last dimension is ``units`` (FFN) or ``units × head_dim`` (heads). ``qk``/``v`` are
+    ``(parameter base name, first row)`` pairs (fused QKV layers share a base with different rows),
+    ``out`` the base name of the layer that reads the masked activation.
+    """
+
+    name: str
+    kind: str
+    units: int
+    module: nn.Module = field(repr=False)
+    pre: bool = False
+    head_dim: int = 1
+    qk: list[tuple[str, int]] = field(default_factory=list)
+    v: tuple[str, int] | None = None
+    gated: str | None = None  # FFN: the first FFN layer, whose rows the masks gate
+    out: str | None = None
+
+    def layout(self) -> dict:
+        """JSON-able description stored with the mask Fisher (no module)."""
+        return {k: getattr(self, k) for k in ("kind", "units", "head_dim", "qk", "v", "gated", "out")}
+
+    def apply(self, activation: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Multiply ``activation (B, T, units·head_dim)`` by ``mask (B, units)``."""
+        shape = activation.shape
+        gated = activation.reshape(*shape[:-1], self.units, self.head_dim)
+        mask = mask.to(activation.dtype).reshape(shape[0], *([1] * (len(shape) - 2)), self.units, 1)
+        return (gated * mask).reshape(shape)
+
+
+class MaskHooks:
+    """Installs the masks of ``sites``; ``masks[name]`` is a ``(B, units)`` tensor set per batch."""
+
+    def __init__(self, sites: list[MaskSite]) -> None:
+        self.sites = sites
+        self.masks: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def ones(self, batch_size: int, device, requires_grad: bool = True) -> dict[str, torch.Tensor]:
+        self.masks = {s.name: torch.ones(batch_size, s.units, device=device, requires_grad=requires_grad)
+                      for s in self.sites}
+        return self.masks
+
+    def install(self) -> None:
+        for site in self.sites:
+            if site.pre:
+                def pre_hook(module, args, site=site):
+                    return (site.apply(args[0], self.masks[site.name]), *args[1:]) if site.name in self.masks else None
+                self._handles.append(site.module.register_forward_pre_hook(pre_hook))
+            else:
+                def hook(module, args, output, site=site):
+                    if site.name not in self.masks:
+                        return None
+                    if isinstance(output, tuple):
+                        return (site.apply(output[0], self.masks[site.name]), *output[1:])
+                    return site.apply(output, self.masks[site.name])
+                self._handles.append(site.module.register_forward_hook(hook))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.masks = {}
+
+    @contextmanager
+    def installed(self) -> Iterator[MaskHooks]:
+        self.install()
+        try:
+            yield self
+        finally:
+            self.remove()
+
+
+def accumulate_mask_fisher(sums: dict[str, torch.Tensor], logits: torch.Tensor, masks: dict[str, torch.Tensor],
+                           directions: torch.Tensor) -> None:
+    """Add ``Σ_b Σ_k (∂(z_b·v_bk)/∂m_b)²`` (003 eq. 4, before dividing by N) to ``sums``."""
+    names = list(masks)
+    for k in range(directions.shape[0]):
+        grads = torch.autograd.grad(logits, [masks[n] for n in names], grad_outputs=directions[k],
+                                    retain_graph=k < directions.shape[0] - 1)
+        for name, g in zip(names, grads):
+            sums[name] = sums.get(name, 0) + g.float().pow(2).sum(0)
+
+
+def expand_mask_fisher(mask_fisher: dict[str, torch.Tensor], layout: dict[str, dict],
+                       shapes: dict[str, torch.Size], rule: str = PAPER) -> dict[str, torch.Tensor]:
+    """Per-parameter weights from mask Fishers (003 §3), for the parameters named in ``shapes``.
+
+    ``paper`` (003 §3, rules 1–3): rows of the query and key projections of head ``h`` ← that head's
+    mask Fisher; row ``r`` (and bias ``r``) of the first FFN layer ← FFN mask ``r``; everything else 1
+    (plain averaging there).
+    ``released`` (the authors' code): as ``paper``, plus value projection and attention output ← the
+    layer's mean head Fisher, the second FFN layer ← the layer's mean FFN Fisher, and every other
+    parameter (embeddings, pooler, LayerNorms) ← the global mean of all mask Fishers.
+    """
+    if rule not in (PAPER, RELEASED):
+        raise ValueError(f"Unknown mask-to-parameter rule {rule!r}; choose {PAPER!r} or {RELEASED!r}")
+    missing = [n for n in layout if n not in mask_fisher]
+    if missing:
+        raise KeyError(f"mask Fisher has no entry for sites {missing[:4]}")
+    fill = 1.0
+    if rule == RELEASED:
+        fill = torch.cat([mask_fisher[n].flatten() for n in layout]).mean().item()
+    weights = {name: torch.full(shape, fill) for name, shape in shapes.items()}
+
+    def set_rows(base: str, first_row: int, per_row: torch.Tensor) -> None:
+        for suffix in (".weight", ".bias"):
+            if base + suffix in weights:
+                w = weights[base + suffix]
+                rows = per_row.reshape(-1, *([1] * (w.dim() - 1))).expand(-1, *w.shape[1:])
+                w[first_row:first_row + len(per_row)] = rows
+
+    def set_all(base: str | None, value: float) -> None:
+        for suffix in (".weight", ".bias"):
+            if base is not None and base + suffix in weights:
+                weights[base + suffix].fill_(value)
+
+    for name, site in layout.items():
+        f = mask_fisher[name].float()
+        if site["kind"] == HEADS:
+            per_row = f.repeat_interleave(site["head_dim"])
+            if rule == RELEASED:
+                if site["v"] is not None:
+                    set_rows(site["v"][0], site["v"][1], torch.full_like(per_row, f.mean().item()))
+                set_all(site["out"], f.mean().item())
+            for base, first_row in site["qk"]:
+                set_rows(base, first_row, per_row)
+        else:
+            if rule == RELEASED:
+                set_all(site["out"], f.mean().item())
+            set_rows(site["gated"], 0, f)
+    return weights

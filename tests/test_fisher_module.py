@@ -40,7 +40,7 @@ def reference_for(model_dir, glue_dir, variant="exact"):
     backbone = HFTextClassifier(str(model_dir)).eval()
     dm = GlueDataModule("mnli", data_dir=str(glue_dir), tokenizer=str(model_dir), max_predict_examples=N, seed=1)
     dm.setup("predict")
-    examples = [dm.collate([dm.splits["train"][i]]) for i in range(N)]
+    examples = [dm.collate([dm.splits["predict"][i]]) for i in range(N)]
     labels = torch.tensor([int(e["labels"][0]) for e in examples])
     sums = reference_fisher_sums(backbone.model, lambda i: backbone(examples[i]), N, variant, labels)
     return {k: v / N for k, v in sums.items()}

@@ -97,3 +97,17 @@ def test_batches_are_dynamically_padded_and_subsampled(glue_dir, tiny_bert):
     again = GlueDataModule("rte", data_dir=str(glue_dir), tokenizer=str(tiny_bert), max_train_examples=8, seed=3)
     again.setup("fit")
     assert again.splits["train"]["input_ids"] == dm.splits["train"]["input_ids"]
+
+
+def test_predict_set_is_the_seeded_subset_sorted_by_length(glue_dir, tiny_bert):
+    kwargs = dict(data_dir=str(glue_dir), tokenizer=str(tiny_bert), max_train_examples=9, max_predict_examples=9,
+                  seed=4)
+    dm = GlueDataModule("rte", **kwargs)
+    dm.setup("predict")
+    dm.setup("fit")
+    lengths = [len(ids) for ids in dm.splits["predict"]["input_ids"]]
+    assert lengths == sorted(lengths)
+    assert sorted(map(tuple, dm.splits["predict"]["input_ids"])) == sorted(map(tuple, dm.splits["train"]["input_ids"]))
+    unsorted = GlueDataModule("rte", sort_by_length=False, **kwargs)
+    unsorted.setup("predict")
+    assert unsorted.splits["predict"]["input_ids"] == dm.splits["train"]["input_ids"]

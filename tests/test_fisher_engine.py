@@ -121,3 +121,12 @@ def test_parameters_are_restored_after_detach(tiny_bert):
     assert not any(p.requires_grad for p in backbone.parameters())
     engine.detach()
     assert all(p.requires_grad for p in backbone.parameters())
+
+
+def test_tied_weights_are_refused_not_silently_wrong(tiny_bert):
+    from transformers import AutoModelForMaskedLM
+
+    mlm = AutoModelForMaskedLM.from_pretrained(str(tiny_bert))
+    assert mlm.cls.predictions.decoder.weight is mlm.bert.embeddings.word_embeddings.weight
+    with pytest.raises(NotImplementedError, match="'bert.embeddings.word_embeddings.weight' is tied"):
+        PerExampleSquaredGradients(mlm)

@@ -157,10 +157,22 @@ class _TimmPositionSite(_Site):
 
 
 def _sites(model: nn.Module) -> list[_Site]:
+    canonical = {id(p): n for n, p in model.named_parameters()}  # tied parameters appear once here
+    claimed: dict[int, str] = {}
     sites: list[_Site] = []
     for prefix, module in model.named_modules():
-        own = {n: f"{prefix}.{n}" if prefix else n for n, p in module.named_parameters(recurse=False)
-               if p.requires_grad}
+        own = {}
+        for n, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            where = f"{prefix}.{n}" if prefix else n
+            if id(p) in claimed:
+                # Its per-example gradient is a sum over several places, to be squared only after
+                # summing: two independent per-site squares would be wrong.
+                raise NotImplementedError(f"parameter {canonical[id(p)]!r} is tied ({claimed[id(p)]} and "
+                                          f"{where}); the per-example Fisher does not support tied weights yet")
+            claimed[id(p)] = where
+            own[n] = canonical[id(p)]
         if isinstance(module, nn.Linear):
             sites.append(_LinearSite(module, own))
         elif isinstance(module, nn.LayerNorm) and own:

@@ -61,15 +61,11 @@ def load(num_classes: int):
 def method_hooks(method: str, backbone, num_classes: int):
     """``(start, step, stop)`` for one method; start/stop (hooks, freezing, mode) are not timed."""
     from lightning_merge.fisher import PerExampleSquaredGradients, logit_directions
-    from lightning_merge.fisher.masks import MaskHooks, accumulate_mask_fisher
+    from lightning_merge.fisher.masks import MaskFisherEngine
 
     params = list(backbone.parameters())
     generator = torch.Generator().manual_seed(0)
     state: dict = {}
-
-    def freeze(flag: bool) -> None:
-        for p in params:
-            p.requires_grad_(not flag)
 
     if method in ("train", "train_eval"):
         def step(batch):
@@ -78,34 +74,18 @@ def method_hooks(method: str, backbone, num_classes: int):
                 p.grad = None
         # a real fine-tuning step has dropout on
         return (lambda: backbone.train(method == "train")), step, (lambda: backbone.eval())
-    if method in ("exact", "sampled"):
+    if method in ("exact", "sampled", "mask"):
         def start():
-            state["engine"] = PerExampleSquaredGradients(backbone.model)
+            state["engine"] = (MaskFisherEngine(backbone.model, backbone.mask_sites()) if method == "mask"
+                               else PerExampleSquaredGradients(backbone.model))
 
         def step(batch):
             engine = state["engine"]
+            variant = "exact" if method == "mask" else method
             with engine.capture(len(batch["labels"])):
                 logits = backbone(batch)
-                engine.accumulate(logits, logit_directions(logits, method, batch["labels"], 1, generator))
+                engine.accumulate(logits, logit_directions(logits, variant, batch["labels"], 1, generator))
         return start, step, lambda: state.pop("engine").detach()
-    if method == "mask":
-        hooks = MaskHooks(backbone.mask_sites())
-        sums: dict = {}
-
-        def start():
-            hooks.install()
-            freeze(True)
-
-        def step(batch):
-            with torch.enable_grad():
-                masks = hooks.ones(len(batch["labels"]), "cpu")
-                logits = backbone(batch)
-                accumulate_mask_fisher(sums, logits, masks, logit_directions(logits, "exact"))
-
-        def stop():
-            hooks.remove()
-            freeze(False)
-        return start, step, stop
     if method == "loop":
         sums = {n: torch.zeros_like(p) for n, p in backbone.model.named_parameters()}
 

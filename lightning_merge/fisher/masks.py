@@ -99,15 +99,43 @@ class MaskHooks:
             self.remove()
 
 
-def accumulate_mask_fisher(sums: dict[str, torch.Tensor], logits: torch.Tensor, masks: dict[str, torch.Tensor],
-                           directions: torch.Tensor) -> None:
-    """Add ``Σ_b Σ_k (∂(z_b·v_bk)/∂m_b)²`` (003 eq. 4, before dividing by N) to ``sums``."""
-    names = list(masks)
-    for k in range(directions.shape[0]):
-        grads = torch.autograd.grad(logits, [masks[n] for n in names], grad_outputs=directions[k],
-                                    retain_graph=k < directions.shape[0] - 1)
-        for name, g in zip(names, grads):
-            sums[name] = sums.get(name, 0) + g.float().pow(2).sum(0)
+class MaskFisherEngine:
+    """Accumulates ``Σ_examples Σ_directions (∂(z·v)/∂m)²`` for every mask of ``sites`` (003 eq. 4,
+    before dividing by N). Same interface as
+    :class:`~lightning_merge.fisher.per_example.PerExampleSquaredGradients`: ``capture``,
+    ``accumulate``, ``sums``, ``detach``. Parameters are frozen while attached (only the masks need
+    gradients, so no weight-gradient work is done) and restored by :meth:`detach`.
+    """
+
+    def __init__(self, model: nn.Module, sites: list[MaskSite]) -> None:
+        device = next(model.parameters()).device
+        self.hooks = MaskHooks(sites)
+        self.sums = {s.name: torch.zeros(s.units, device=device) for s in sites}
+        self._frozen = [p for p in model.parameters() if p.requires_grad]
+        for p in self._frozen:
+            p.requires_grad_(False)
+        self._device = device
+        self.hooks.install()
+
+    @contextmanager
+    def capture(self, batch_size: int) -> Iterator[None]:
+        with torch.enable_grad():
+            self.hooks.ones(batch_size, self._device)
+            yield
+
+    def accumulate(self, logits: torch.Tensor, directions: torch.Tensor) -> None:
+        names = list(self.hooks.masks)
+        masks = [self.hooks.masks[n] for n in names]
+        for k in range(directions.shape[0]):
+            grads = torch.autograd.grad(logits, masks, grad_outputs=directions[k],
+                                        retain_graph=k < directions.shape[0] - 1)
+            for name, g in zip(names, grads):
+                self.sums[name].add_(g.float().square().sum(0))
+
+    def detach(self) -> None:
+        self.hooks.remove()
+        for p in self._frozen:
+            p.requires_grad_(True)
 
 
 def expand_mask_fisher(mask_fisher: dict[str, torch.Tensor], layout: dict[str, dict],

@@ -10,7 +10,7 @@ import lightning_merge
 from lightning_merge.backbones import Backbone
 from lightning_merge.fisher.directions import VARIANTS, logit_directions
 from lightning_merge.fisher.io import save_fisher
-from lightning_merge.fisher.masks import MaskHooks, accumulate_mask_fisher
+from lightning_merge.fisher.masks import MaskFisherEngine
 from lightning_merge.fisher.per_example import PerExampleSquaredGradients
 
 AUTO = "auto"
@@ -51,7 +51,7 @@ class FisherEstimationModule(pl.LightningModule):
         if variant == AUTO:
             variant = "exact" if backbone.num_labels <= max_exact_classes else "sampled"
         self.variant = variant
-        self.engine: PerExampleSquaredGradients | None = None
+        self.engine: PerExampleSquaredGradients | MaskFisherEngine | None = None
         self.num_examples = 0
 
     def setup(self, stage: str) -> None:
@@ -66,13 +66,8 @@ class FisherEstimationModule(pl.LightningModule):
                                "false` (trainer.inference_mode: false in YAML)")
         self.backbone.eval()
         if self.hparams.kind == MASK:
-            self.mask_hooks = MaskHooks(self.backbone.mask_sites())
-            self.mask_hooks.install()
-            self.mask_sums: dict[str, torch.Tensor] = {}
-            # Only the masks need gradients: no weight-gradient work at all.
-            self._frozen = [p for p in self.backbone.parameters() if p.requires_grad]
-            for p in self._frozen:
-                p.requires_grad_(False)
+            self.mask_sites = self.backbone.mask_sites()
+            self.engine = MaskFisherEngine(self.backbone.model, self.mask_sites)
         else:
             self.engine = PerExampleSquaredGradients(self.backbone.model)
         self.generator = torch.Generator().manual_seed(self.hparams.seed + self.global_rank)
@@ -81,31 +76,17 @@ class FisherEstimationModule(pl.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # No collective here: ranks may run different numbers of batches.
         size = len(batch["labels"])
-        if self.hparams.kind == MASK:
-            with torch.enable_grad():
-                masks = self.mask_hooks.ones(size, self.device)
-                logits = self.backbone(batch)
-                accumulate_mask_fisher(self.mask_sums, logits, masks, self._directions(logits, batch))
-        else:
-            with self.engine.capture(size):
-                logits = self.backbone(batch)
-                self.engine.accumulate(logits, self._directions(logits, batch))
+        with self.engine.capture(size):
+            logits = self.backbone(batch)
+            directions = logit_directions(logits, self.variant, batch["labels"], self.hparams.num_samples,
+                                          self.generator)
+            self.engine.accumulate(logits, directions)
         self.num_examples += size
 
-    def _directions(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return logit_directions(logits, self.variant, batch["labels"], self.hparams.num_samples, self.generator)
-
     def on_predict_end(self) -> None:
-        if self.hparams.kind == MASK:
-            self.mask_hooks.remove()
-            for p in self._frozen:
-                p.requires_grad_(True)
-            sums = {s.name: self.mask_sums.get(s.name, torch.zeros(s.units, device=self.device))
-                    for s in self.mask_hooks.sites}
-        else:
-            engine, self.engine = self.engine, None
-            engine.detach()
-            sums = engine.sums
+        engine, self.engine = self.engine, None
+        engine.detach()
+        sums = engine.sums
         strategy = self.trainer.strategy
         # Lightning's reduce defaults to *mean*: ask for the sum.
         total = int(strategy.reduce(torch.tensor(float(self.num_examples), device=self.device), reduce_op="sum"))
@@ -124,7 +105,7 @@ class FisherEstimationModule(pl.LightningModule):
             "num_examples": num_examples,
             "variant": self.variant,
             "kind": self.hparams.kind,
-            **({"mask_layout": {s.name: s.layout() for s in self.mask_hooks.sites}}
+            **({"mask_layout": {s.name: s.layout() for s in self.mask_sites}}
                if self.hparams.kind == MASK else {}),
             "samples_per_example": self.hparams.num_samples if self.variant == "sampled" else 0,
             "num_labels": self.backbone.num_labels,

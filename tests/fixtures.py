@@ -50,12 +50,12 @@ def write_glue_dir(root: Path, n_train: int = 24, n_dev: int = 10) -> Path:
     return root
 
 
-def write_tiny_bert(directory: Path, num_labels: int = 2) -> Path:
+def write_tiny_bert(directory: Path, num_labels: int = 2, seed: int | None = None) -> Path:
     """A 2-layer, hidden-32 BERT classifier with a WordPiece tokenizer over :data:`WORDS`."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-    torch.manual_seed(num_labels)  # the same tiny model in every session
+    torch.manual_seed(num_labels if seed is None else seed)  # the same tiny model in every session
     directory.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     vocab_file = directory / "vocab.txt"

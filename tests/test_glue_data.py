@@ -105,9 +105,13 @@ def test_predict_set_is_the_seeded_subset_sorted_by_length(glue_dir, tiny_bert):
     dm = GlueDataModule("rte", **kwargs)
     dm.setup("predict")
     dm.setup("fit")
-    lengths = [len(ids) for ids in dm.splits["predict"]["input_ids"]]
+    batches = list(dm.predict_dataloader())
+    lengths = [int(n) for b in batches for n in b["attention_mask"].sum(1)]
     assert lengths == sorted(lengths)
-    assert sorted(map(tuple, dm.splits["predict"]["input_ids"])) == sorted(map(tuple, dm.splits["train"]["input_ids"]))
+    # The loader's order is a permutation of the stored, canonical (seeded-subsample) order.
+    positions = [int(i) for b in batches for i in b["example_index"]]
+    assert sorted(positions) == list(range(9))
+    assert dm.splits["predict"]["input_ids"] == dm.splits["train"]["input_ids"]
     unsorted = GlueDataModule("rte", sort_by_length=False, **kwargs)
     unsorted.setup("predict")
-    assert unsorted.splits["predict"]["input_ids"] == dm.splits["train"]["input_ids"]
+    assert [int(i) for b in unsorted.predict_dataloader() for i in b["example_index"]] == list(range(9))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from lightning_merge.data.batch import EXAMPLE_INDEX
 from lightning_merge.data.glue_tasks import (
     GlueTask,
     get_glue_task,
@@ -22,6 +24,7 @@ from lightning_merge.data.glue_tasks import (
 from lightning_merge.evaluation.metrics import TaskMetrics
 
 HUB_DATASET = "nyu-mll/glue"
+_EVAL_ROLES = {"validate": "validation", "test": "test"}
 TEXT_A, TEXT_B, LABEL = "text_a", "text_b", "label"
 
 
@@ -252,24 +255,50 @@ class GlueDataModule(pl.LightningDataModule):
             if role in self.splits:
                 continue
             split, limit = roles[role]
-            ds = self._tokenize(subsample(self.load_split(split), limit, hp.seed))
-            if hp.sort_by_length and role != "train":
-                lengths = [len(ids) for ids in ds["input_ids"]]
-                ds = ds.select(sorted(range(len(ds)), key=lengths.__getitem__))
-            self.splits[role] = ds
+            # Stored in canonical order (the file's, or the seeded subsample's); loaders sort.
+            self.splits[role] = self._tokenize(subsample(self.load_split(split), limit, hp.seed))
 
     # -- loaders (one per role: train, validation, test, predict) ------------------------------
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Dynamic padding: each batch is padded to its own longest sequence."""
-        labels = torch.tensor([f["labels"] for f in features])
-        encoded = [{k: v for k, v in f.items() if k != "labels"} for f in features]
+        extra = [k for k in ("labels", EXAMPLE_INDEX) if k in features[0]]
+        encoded = [{k: v for k, v in f.items() if k not in extra} for f in features]
         batch = dict(self.tokenizer.pad(encoded, return_tensors="pt"))
-        batch["labels"] = labels
+        for key in extra:
+            batch[key] = torch.tensor([f[key] for f in features])
         return batch
 
+    def _ordered(self, role: str, indices: Sequence[int] | None = None) -> datasets.Dataset:
+        """The examples of ``role`` (all, or those at ``indices``), shortest first unless training, so
+        evaluation batches carry little padding (sums and metrics do not depend on the order)."""
+        ds = self.splits[role]
+        indices = list(range(len(ds))) if indices is None else list(indices)
+        if self.hparams.sort_by_length and role != "train":
+            lengths = [len(ids) for ids in ds.select(indices)["input_ids"]]
+            indices = [indices[i] for i in sorted(range(len(indices)), key=lengths.__getitem__)]
+        return ds.select(indices).add_column(EXAMPLE_INDEX, indices)
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+        ds = self.splits[split] if split == "train" else self._ordered(split)
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
                           num_workers=self.hparams.num_workers)
+
+    # -- evaluation sets for the merge stage -----------------------------------------------------
+    def attach_model(self, backbone) -> None:
+        """Use ``backbone``'s tokenizer when none was configured (the merge stage has no trainer-side model)."""
+        if self.tokenizer is None and self.tokenizer_name is None:
+            self.tokenizer = getattr(backbone, "tokenizer", None)
+
+    def eval_size(self, set_index: int = 0, stage: str = "validate") -> int:
+        return len(self.splits[_EVAL_ROLES[stage]])
+
+    def eval_loader(self, indices: Sequence[int], set_index: int = 0, stage: str = "validate") -> DataLoader:
+        """Examples at ``indices`` (positions in canonical order) of the evaluation set, batched by length;
+        each batch carries their positions as ``example_index``."""
+        if set_index != 0:
+            raise IndexError(f"{self.task.name} has one evaluation set, not {set_index + 1}")
+        return DataLoader(self._ordered(_EVAL_ROLES[stage], indices), batch_size=self.hparams.eval_batch_size,
+                          collate_fn=self.collate, num_workers=self.hparams.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.hparams.batch_size, shuffle=True)

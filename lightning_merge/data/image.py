@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_merge.data.batch import EXAMPLE_INDEX
 from lightning_merge.data.shifts import get_shift
 from lightning_merge.evaluation.metrics import TaskMetrics
 
@@ -98,6 +99,7 @@ class ImageDataModule(pl.LightningDataModule):
             get_shift(name)  # fail on an unknown name before any data is read
         self.sources: dict[str, _Source] = {}
         self.label_names_: list[str] | None = None
+        self._model_img_size: int | None = None
 
     @property
     def eval_set_names(self) -> list[str]:
@@ -153,7 +155,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.hparams.img_size is not None:
             return self.hparams.img_size
         backbone = getattr(self.trainer.lightning_module, "backbone", None) if self.trainer else None
-        return getattr(backbone, "img_size", None)
+        return getattr(backbone, "img_size", None) or self._model_img_size
 
     def _dataset(self, key: str, shift: str | None) -> ShiftedImages:
         if not self.sources:
@@ -173,6 +175,25 @@ class ImageDataModule(pl.LightningDataModule):
 
     test_dataloader = val_dataloader
 
+    # -- evaluation sets for the merge stage -----------------------------------------------------
+    def attach_model(self, backbone) -> None:
+        """Resize to ``backbone``'s input size when ``img_size`` is not set (no trainer-side model in merging)."""
+        self._model_img_size = getattr(backbone, "img_size", None)
+
+    def eval_size(self, set_index: int = 0, stage: str = "validate") -> int:
+        if not self.sources:
+            self._load_sources()
+        return self.sources["eval"].length
+
+    def eval_loader(self, indices: Sequence[int], set_index: int = 0, stage: str = "validate") -> DataLoader:
+        """Examples at ``indices`` of evaluation set ``set_index`` (IID, then each of ``eval_shifts``);
+        each batch carries their positions as ``example_index``."""
+        shifts = [self.hparams.train_shift, *self.hparams.eval_shifts]
+        if not 0 <= set_index < len(shifts):
+            raise IndexError(f"evaluation set {set_index} does not exist; the sets are {self.eval_set_names}")
+        ds = _Indexed(self._dataset("eval", shifts[set_index]), list(indices))
+        return self._loader(ds, self.hparams.eval_batch_size, False)
+
     def predict_dataloader(self) -> DataLoader:
         hp = self.hparams
         ds = self._dataset("train", hp.train_shift)
@@ -181,6 +202,17 @@ class ImageDataModule(pl.LightningDataModule):
         elif hp.max_predict_examples is not None and hp.max_predict_examples > len(ds):
             rank_zero_warn(f"Asked for {hp.max_predict_examples} examples but the split has {len(ds)}: using all")
         return self._loader(ds, hp.batch_size, False)
+
+
+class _Indexed(Dataset):
+    def __init__(self, ds: Dataset, indices: list[int]) -> None:
+        self.ds, self.indices = ds, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**self.ds[self.indices[i]], EXAMPLE_INDEX: torch.tensor(self.indices[i])}
 
 
 def _limit(indices: np.ndarray, limit: int | None) -> np.ndarray:

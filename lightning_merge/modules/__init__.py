@@ -1,4 +1,5 @@
 from lightning_merge.modules.finetune import FineTuneModule
 from lightning_merge.modules.fisher import FisherEstimationModule
+from lightning_merge.modules.merge import MergeModule, ModelSpec
 
-__all__ = ["FineTuneModule", "FisherEstimationModule"]
+__all__ = ["FineTuneModule", "FisherEstimationModule", "MergeModule", "ModelSpec"]

@@ -1,0 +1,73 @@
+"""Result tables of a merge run: CSV and JSON written atomically, a printable summary, and the plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+MAIN_COLUMNS = ("method", "coefficients", "selection_score", "heldout_score", "full_score")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _coefficients(value) -> str:
+    return "" if value is None else ";".join(f"{c:.6g}" for c in value)
+
+
+def _csv(rows: list[dict]) -> str:
+    extra = sorted({k for r in rows for k in r} - set(MAIN_COLUMNS))
+    columns = [c for c in MAIN_COLUMNS if any(c in r for r in rows)] + extra
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, "coefficients": _coefficients(row.get("coefficients"))})
+    return out.getvalue()
+
+
+def format_table(rows: list[dict]) -> str:
+    """The main columns as aligned text (what the run prints)."""
+    header = ["method", "coefficients", "selection", "held-out", "full"]
+    lines = [[str(r["method"]), _coefficients(r.get("coefficients")) or "-",
+              *(("nan" if math.isnan(v) else f"{v:.4f}") for v in
+                (r.get("selection_score", math.nan), r.get("heldout_score", math.nan), r.get("full_score", math.nan)))]
+             for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [header, *lines])
+
+
+def write_results(output_dir: str | os.PathLike, rows: list[dict], search: list[dict], facts: dict,
+                  target: int = 0, plot: bool = True) -> str:
+    """``results.csv`` / ``results.json`` (reported rows), ``search.csv`` (every candidate's selection
+    score) and, when they apply, ``score_vs_lambda.png`` and ``iid_vs_ood.png``. Returns the table text."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "results.csv", _csv(rows))
+    _atomic_write(out / "search.csv", _csv(search))
+    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731  (JSON has no NaN)
+    payload = {"facts": facts, "results": [{k: clean(v) for k, v in r.items()} for r in rows],
+               "search": [{k: clean(v) for k, v in r.items()} for r in search]}
+    _atomic_write(out / "results.json", json.dumps(payload, indent=2))
+    if plot:
+        from lightning_merge import plotting
+
+        several = len(search) > len({r["method"] for r in search})
+        if several and all(len(r["coefficients"]) == 2 for r in search):
+            plotting.score_vs_lambda(search, rows, target, out / "score_vs_lambda.png")
+        if any(r.get("coefficients") is not None for r in rows) and plotting.ood_columns(rows):
+            plotting.iid_vs_ood(rows, target, out / "iid_vs_ood.png")
+    return format_table(rows)

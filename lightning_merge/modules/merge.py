@@ -1,0 +1,399 @@
+"""Stage 4: merge fine-tuned models and evaluate the result (``lightning-merge validate`` / ``test``).
+
+One run evaluates, candidate after candidate, every merging method's coefficient candidates on the
+*selection* examples (the first ``select_examples`` of each task's evaluation set), picks each method's
+best candidate there, and only then scores that candidate on the *held-out* rest, so the number a
+table reports was not the one used to pick it. The baselines (each model unmerged, output ensembling)
+go into the same table. Lightning drives the loop: each (candidate, task, part) is one evaluation
+dataloader, run in order, so a candidate is merged once (at its first batch) and evaluated under
+inference mode at the model's plain inference throughput, on any device or strategy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_merge.backbones import load_backbone
+from lightning_merge.data.batch import EXAMPLE_INDEX, LABELS
+from lightning_merge.evaluation.ensemble import ensemble_outputs
+from lightning_merge.evaluation.results import write_results
+from lightning_merge.merging.flat import FlatLayout, FlatMerger
+from lightning_merge.merging.methods import FisherMerge, IsotropicMerge, MergeMethod
+from lightning_merge.merging.search import CoefficientSearch, FixedCoefficients
+from lightning_merge.merging.state_dicts import shared_body_names
+
+UNMERGED, ENSEMBLE = "unmerged", "ensemble"
+SELECT, HELDOUT, FULL = "select", "heldout", "full"
+BEST, ALL = "best", "all"
+
+
+@dataclass
+class ModelSpec:
+    """One model taking part in a merge.
+
+    Attributes:
+        path: an export directory of a fine-tune stage (or any folder ``load_backbone`` reads).
+        fisher / mask_fisher: Fisher files of this model (for ``FisherMerge(fisher=...)``).
+        data: the data module of this model's task; models with data are evaluated (under their own
+            head), the others only contribute parameters (e.g. an intermediate-task donor).
+        task: models with the same task share a label space: their heads are merged too, and they
+            form the output ensemble. Default: the data's task, else the folder name.
+    """
+
+    path: str
+    fisher: str | None = None
+    mask_fisher: str | None = None
+    data: pl.LightningDataModule | None = None
+    task: str | None = None
+
+
+@dataclass
+class _Candidate:
+    method: str
+    coefficients: list[float] | None  # None for baselines
+    units: list[tuple[int, int, str]] = field(default_factory=list)  # (spec, eval set, part)
+    resolved_from: str | None = None  # "best of <method>": coefficients chosen at run time
+
+
+class MergeModule(pl.LightningModule):
+    """Merge ``models`` with each of ``methods`` over ``search``'s coefficients and evaluate.
+
+    Args:
+        models: the model specs (2..N), the ``target`` among them (index).
+        methods: merge methods (default: isotropic, plus Fisher when every model has ``fisher``,
+            plus mask Fisher when every model has ``mask_fisher``).
+        search: coefficient candidates (default: equal weights).
+        select_examples: how many evaluation examples (from the start of each task's set) select the
+            coefficients; a value below 1 is a fraction of the set. The rest is the held-out part.
+        report: ``best`` (each method's selected candidate gets held-out and other-set scores) or
+            ``all`` (every candidate is scored everywhere: WiSE-FT curves, NeurIPS paper §3.2).
+        baselines: any of ``unmerged`` (every evaluated model alone) and ``ensemble`` (averaged
+            output probabilities of the models of a task, fig. 2).
+        output_dir: where ``results.csv/json``, ``search.csv`` and the plots go.
+        export_dir: export the best merged model there (in its native format), chosen by selection
+            score among ``export_method`` (default: all methods).
+    """
+
+    def __init__(self, models: list[ModelSpec], methods: list[MergeMethod] | None = None,
+                 search: CoefficientSearch | None = None, target: int = 0, select_examples: float = 2048,
+                 report: str = BEST, baselines: list[str] | None = None, output_dir: str = "merge_results",
+                 export_dir: str | None = None, export_method: str | None = None, plot: bool = True) -> None:
+        super().__init__()
+        if len(models) < 2:
+            raise ValueError(f"merging needs at least 2 models, got {len(models)}")
+        if not 0 <= target < len(models):
+            raise ValueError(f"target index {target} out of range for {len(models)} models")
+        if report not in (BEST, ALL):
+            raise ValueError(f"report must be {BEST!r} or {ALL!r}, got {report!r}")
+        baselines = [UNMERGED, ENSEMBLE] if baselines is None else list(baselines)
+        unknown = [b for b in baselines if b not in (UNMERGED, ENSEMBLE)]
+        if unknown:
+            raise ValueError(f"Unknown baselines {unknown}; choose from {[UNMERGED, ENSEMBLE]}")
+        if select_examples <= 0:
+            raise ValueError(f"select_examples must be > 0, got {select_examples}")
+        if not any(spec.data is not None for spec in models):
+            raise ValueError("no model has `data`: give the evaluation data of at least one model's task")
+        self.specs, self.target = list(models), target
+        self.methods = list(methods) if methods is not None else self._default_methods()
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"merge methods need distinct names, got {names}")
+        for method in self.methods:
+            field_name = method.fisher_field
+            missing = [i for i, s in enumerate(self.specs) if field_name and not getattr(s, field_name)]
+            if missing:
+                raise ValueError(f"{method.name} needs `{method.fisher_field}` for every model; models {missing} "
+                                 f"({[self.specs[i].path for i in missing]}) have none")
+        self.search = search or FixedCoefficients()
+        self.select_examples, self.report, self.baselines = select_examples, report, baselines
+        self.output_dir, self.export_dir, self.export_method, self.plot = output_dir, export_dir, export_method, plot
+        self.backbones = nn.ModuleList()
+        self._prepared = False
+
+    def _default_methods(self) -> list[MergeMethod]:
+        methods: list[MergeMethod] = [IsotropicMerge()]
+        for field_name in ("fisher", "mask_fisher"):
+            if all(getattr(s, field_name) for s in self.specs):
+                methods.append(FisherMerge(fisher=field_name))
+        return methods
+
+    # -- set-up: models, Fishers, evaluation sets --------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self._prepared:
+            return
+        self.stage = stage
+        self.backbones = nn.ModuleList(load_backbone(s.path) for s in self.specs)
+        for backbone in self.backbones:
+            backbone.requires_grad_(False).eval()
+        self.tasks = [self._task_name(i) for i in range(len(self.specs))]
+        self.evaluated = [i for i, s in enumerate(self.specs) if s.data is not None]
+        for i in self.evaluated:
+            self._setup_data(i, stage)
+        self._setup_merge()
+        self._plan()
+        self._prepared = True
+
+    def _task_name(self, i: int) -> str:
+        spec = self.specs[i]
+        if spec.task:
+            return spec.task
+        task = getattr(spec.data, "task", None)
+        if task is not None:
+            return getattr(task, "name", str(task))
+        if spec.data is not None and hasattr(spec.data, "hparams"):
+            hp = spec.data.hparams
+            return "_".join(str(x) for x in (hp.get("source"), hp.get("train_shift")) if x)
+        return Path(spec.path).name
+
+    def _setup_data(self, i: int, stage: str) -> None:
+        data, backbone = self.specs[i].data, self.backbones[i]
+        data.attach_model(backbone)
+        data.setup(stage)
+        if data.num_labels != backbone.num_labels:
+            raise ValueError(f"Model {i} ({self.specs[i].path}) has {backbone.num_labels} outputs but its data "
+                             f"({self.tasks[i]}) has {data.num_labels} labels")
+
+    def _setup_merge(self) -> None:
+        """Flat buffers of every model's merged tensors, shared by all methods."""
+        shared_task = len(set(self.tasks)) == 1
+        head_names = set() if shared_task else {n for b in self.backbones for n in b.head_parameter_names()}
+        states = [{n: p.detach() for n, p in b.model.named_parameters()} for b in self.backbones]
+        names = shared_body_names(states, head_names)
+        shapes = {n: states[self.target][n].shape for n in names}
+        self.layout = FlatLayout(shapes)
+        self.thetas = [self.layout.flatten(s) for s in states]
+        self.mergers = {}
+        for method in self.methods:
+            weights = None
+            if method.fisher_field is not None:
+                weights = [method.load_weights(getattr(s, method.fisher_field), shapes, f"model {i}")
+                           for i, s in enumerate(self.specs)]
+            self.mergers[method.name] = FlatMerger(method, self.thetas, self.layout, weights, self.target)
+        rank_zero_info(f"Merging {len(names)} tensors ({self.layout.numel / 1e6:.1f}M values) of {len(self.specs)} "
+                       f"models with {[m.name for m in self.methods]}"
+                       f"{'' if shared_task else '; each task keeps its own head'}")
+
+    def _split(self, i: int) -> tuple[list[int], list[int], list[list[int]]]:
+        data = self.specs[i].data
+        n = data.eval_size(0, self.stage)
+        k = int(self.select_examples) if self.select_examples >= 1 else int(round(self.select_examples * n))
+        k = min(max(k, 1), n)
+        if k == n:
+            rank_zero_warn(f"{self.tasks[i]}: all {n} evaluation examples select the coefficients, none is held "
+                           f"out; the held-out score is empty and the full score is optimistic "
+                           f"(lower select_examples)")
+        others = [list(range(data.eval_size(s, self.stage))) for s in range(1, len(data.eval_set_names))]
+        return list(range(k)), list(range(k, n)), others
+
+    def _plan(self) -> None:
+        """The candidates and, in dataloader order, what each evaluation dataloader evaluates."""
+        self.splits = {i: self._split(i) for i in self.evaluated}
+        sets = {i: len(self.specs[i].data.eval_set_names) for i in self.evaluated}
+        selection = [(i, 0, SELECT) for i in self.evaluated]
+        rest = [(i, 0, HELDOUT) for i in self.evaluated if self.splits[i][1]]
+        rest += [(i, s, FULL) for i in self.evaluated for s in range(1, sets[i])]
+        self.candidates: list[_Candidate] = []
+        for baseline in self.baselines:
+            if baseline == ENSEMBLE and all(self.tasks.count(self.tasks[i]) < 2 for i in self.evaluated):
+                rank_zero_info("No output-ensemble baseline: no evaluated task has two models (set `task` to "
+                               "mark models that share a label space)")
+                continue
+            self.candidates.append(_Candidate(baseline, None, selection + rest))
+        coefficient_sets = self.search.candidates(len(self.specs), self.target)
+        for method in self.methods:
+            for lam in coefficient_sets:
+                self.candidates.append(_Candidate(method.name, lam, selection + (rest if self.report == ALL else [])))
+        if self.report == BEST and rest:
+            for method in self.methods:
+                self.candidates.append(_Candidate(method.name, None, rest, resolved_from=method.name))
+        self.loader_units = [(c, unit) for c, cand in enumerate(self.candidates) for unit in cand.units]
+        self.outputs: dict[tuple[int, int, int, str], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._loaded: dict[int, int | str] = {}
+        self._collected: dict = {}
+
+    def _loaders(self):
+        loaders = []
+        for _, (i, s, part) in self.loader_units:
+            select, heldout, others = self.splits[i]
+            indices = {SELECT: select, HELDOUT: heldout}.get(part) or others[s - 1]
+            loaders.append(self.specs[i].data.eval_loader(indices, s, self.stage))
+        return loaders
+
+    def val_dataloader(self):
+        return self._loaders()
+
+    test_dataloader = val_dataloader
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def on_validation_start(self) -> None:
+        self._to_device()
+
+    on_test_start = on_validation_start
+
+    def _to_device(self) -> None:
+        self.thetas = [t.to(self.device) for t in self.thetas]
+        for merger in self.mergers.values():
+            merger.thetas = self.thetas
+            merger.to(self.device)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        c, (i, s, part) = self.loader_units[dataloader_idx]
+        candidate = self.candidates[c]
+        if candidate.method == ENSEMBLE:
+            members = [j for j in range(len(self.specs)) if self.tasks[j] == self.tasks[i]]
+            for j in members:
+                self._load(j, UNMERGED)
+            logits = ensemble_outputs([self.backbones[j](batch) for j in members])
+        else:
+            self._load(i, c)
+            logits = self.backbones[i](batch)
+        self.outputs.setdefault((c, i, s, part), []).append(
+            (logits.detach().float(), batch[LABELS].detach(), batch[EXAMPLE_INDEX].detach()))
+
+    test_step = validation_step
+
+    def _load(self, i: int, c: int | str) -> None:
+        """Put candidate ``c``'s parameters (merged, or model ``i``'s own for the unmerged baseline) into
+        model ``i``, unless they are already there. Candidates run one after another, so each is merged
+        once, at its first batch."""
+        if c == UNMERGED or self.candidates[c].method == UNMERGED:
+            c = UNMERGED
+        if self._loaded.get(i) == c:
+            return
+        if c == UNMERGED:
+            values = self.layout.unflatten(self.thetas[i])
+        else:
+            candidate = self.candidates[c]
+            if candidate.coefficients is None:  # "best of <method>": decided by the selection scores so far
+                candidate.coefficients = self.candidates[self._best(candidate.resolved_from)].coefficients
+            values = self.mergers[candidate.method](candidate.coefficients)
+        params = dict(self.backbones[i].model.named_parameters())
+        torch._foreach_copy_([params[n] for n in values], list(values.values()))
+        self._loaded[i] = c
+
+    # -- scores ----------------------------------------------------------------------------------
+    def _collect(self, key: tuple[int, int, int, str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels of one (candidate, model, set, part), each example once even on several
+        devices (a distributed sampler pads the last batches with repeats). Collective on several
+        devices: every rank asks for the same keys in the same order."""
+        if key in self._collected:
+            return self._collected[key]
+        logits, labels, index = (torch.cat(x) for x in zip(*self.outputs[key]))
+        if self.trainer.world_size > 1:
+            logits, labels, index = (self.all_gather(x).flatten(0, 1) for x in (logits, labels, index))
+        order = torch.sort(index, stable=True).indices
+        first = torch.ones_like(order, dtype=torch.bool)
+        first[1:] = index[order][1:] != index[order][:-1]
+        keep = order[first]
+        self._collected[key] = (logits[keep].cpu(), labels[keep].cpu())
+        return self._collected[key]
+
+    def _metrics(self, i: int, s: int, parts: list[tuple[int, str]]) -> dict[str, float]:
+        """Task metrics of model ``i`` on set ``s`` over the given (candidate, part) outputs."""
+        metrics = self.specs[i].data.task_metrics()
+        seen = 0
+        for c, part in parts:
+            if (c, i, s, part) in self.outputs:
+                logits, labels = self._collect((c, i, s, part))
+                metrics.update(logits, labels)
+                seen += len(labels)
+        if seen == 0:
+            return {"score": math.nan}
+        return {k: float(v) for k, v in metrics.compute().items()}
+
+    def _selection_score(self, c: int) -> float:
+        return sum(self._metrics(i, 0, [(c, SELECT)])["score"] for i in self.evaluated) / len(self.evaluated)
+
+    def _best(self, method: str) -> int:
+        """The candidate of ``method`` with the highest selection score (the first one on ties)."""
+        pool = [c for c, cand in enumerate(self.candidates) if cand.method == method and cand.resolved_from is None]
+        scores = [self._selection_score(c) for c in pool]
+        return pool[max(range(len(pool)), key=lambda k: (not math.isnan(scores[k]), scores[k], -k))]
+
+    def _row(self, c: int, rest: int | None = None) -> dict[str, object]:
+        """Reported numbers of candidate ``c``; ``rest`` is the candidate that scored its held-out and
+        other sets (its own run after selection), if not ``c`` itself."""
+        rest = c if rest is None else rest
+        cand = self.candidates[c]
+        row: dict[str, object] = {"method": cand.method, "coefficients": cand.coefficients}
+        selection, heldout, full = [], [], []
+        for i in self.evaluated:
+            task = self.tasks[i]
+            selection.append(self._metrics(i, 0, [(c, SELECT)])["score"])
+            heldout.append(self._metrics(i, 0, [(rest, HELDOUT)])["score"])
+            values = self._metrics(i, 0, [(c, SELECT), (rest, HELDOUT)])
+            full.append(values["score"])
+            row.update({f"{task}/{k}": v for k, v in values.items()})
+            for s, set_name in enumerate(self.specs[i].data.eval_set_names[1:], start=1):
+                row.update({f"{task}/{set_name}/{k}": v for k, v in self._metrics(i, s, [(rest, FULL)]).items()})
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        row.update(selection_score=mean(selection), heldout_score=mean(heldout), full_score=mean(full))
+        return row
+
+    def _results(self) -> tuple[list[dict], list[dict]]:
+        searched = [c for c, cand in enumerate(self.candidates) if cand.method not in self.baselines
+                    and cand.resolved_from is None]
+        search = [{"method": self.candidates[c].method, "coefficients": self.candidates[c].coefficients,
+                   "selection_score": self._selection_score(c)} for c in searched]
+        rows = [self._row(c) for c, cand in enumerate(self.candidates) if cand.method in self.baselines]
+        for method in self.methods:
+            pool = [c for c, cand in enumerate(self.candidates) if cand.method == method.name
+                    and cand.resolved_from is None]
+            if self.report == ALL:
+                rows += [self._row(c) for c in pool]
+            else:
+                rest = next((c for c, cand in enumerate(self.candidates) if cand.resolved_from == method.name), None)
+                rows.append(self._row(self._best(method.name), rest))
+        return search, rows
+
+    def _finish(self) -> None:
+        self._collected = {}
+        search, rows = self._results()
+        if self.logger is not None:
+            # Straight to the logger: `self.log` at epoch end would be repeated for each of the
+            # (candidates × tasks) dataloaders in Lightning's printed summary.
+            for row in rows:
+                name = row["method"] if self.report == BEST or row["coefficients"] is None else \
+                    f"{row['method']}@{row['coefficients'][self.target]:.3g}"
+                self.logger.log_metrics({f"{name}/{k}": float(v) for k, v in row.items()
+                                         if isinstance(v, float) and not math.isnan(v)})
+        if self.trainer.is_global_zero:
+            facts = {"target": self.target, "models": [s.path for s in self.specs], "tasks": self.tasks,
+                     "selection_examples": {self.tasks[i]: len(self.splits[i][0]) for i in self.evaluated},
+                     "heldout_examples": {self.tasks[i]: len(self.splits[i][1]) for i in self.evaluated},
+                     "stage": self.stage, "report": self.report}
+            written = write_results(self.output_dir, rows, search, facts, self.target, self.plot)
+            rank_zero_info("Merge results:\n" + written)
+            if self.export_dir:
+                self._export(search)
+        self.trainer.strategy.barrier()
+        self.outputs.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish()
+
+    on_test_epoch_end = on_validation_epoch_end
+
+    def _export(self, search: list[dict]) -> None:
+        pool = [r for r in search if self.export_method in (None, r["method"])]
+        if not pool:
+            raise ValueError(f"export_method {self.export_method!r} is not one of {[m.name for m in self.methods]}")
+        best = max(pool, key=lambda r: (not math.isnan(r["selection_score"]), r["selection_score"]))
+        values = self.mergers[best["method"]](best["coefficients"])
+        for i in self.evaluated:
+            params = dict(self.backbones[i].model.named_parameters())
+            torch._foreach_copy_([params[n] for n in values], list(values.values()))
+            self._loaded.pop(i, None)
+            directory = Path(self.export_dir)
+            if len(self.evaluated) > 1:
+                directory = directory / self.tasks[i]
+            self.backbones[i].export(directory)
+            rank_zero_info(f"Exported {best['method']} merge (coefficients {best['coefficients']}) of "
+                           f"{self.tasks[i]} to {directory}")

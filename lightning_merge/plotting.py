@@ -1,0 +1,90 @@
+"""Plots of merge results (matplotlib, PNG), in the style of the NeurIPS paper's figures 2 and 3."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def score_vs_lambda(search: Sequence[dict], rows: Sequence[dict], target: int, path) -> Path:
+    """Selection score against the target's coefficient λ, one line per method; baselines as lines."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in search):
+        points = sorted((r["coefficients"][target], r["selection_score"]) for r in search if r["method"] == method)
+        ax.plot(*zip(*points), marker=".", label=method)
+    for row in rows:
+        if row.get("coefficients") is None and not math.isnan(row.get("selection_score", math.nan)):
+            ax.axhline(row["selection_score"], linestyle="--", linewidth=1, color="grey")
+            ax.annotate(row["method"], (0, row["selection_score"]), fontsize=8, va="bottom")
+    ax.set_xlabel("λ of the target model")
+    ax.set_ylabel("selection score")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def ood_columns(rows: Sequence[dict]) -> list[str]:
+    """Score columns of the extra (shifted) evaluation sets: ``<task>/<set>/score``."""
+    return sorted({k for r in rows for k in r if k.count("/") == 2 and k.endswith("/score")})
+
+
+def iid_vs_ood(rows: Sequence[dict], target: int, path) -> Path:
+    """WiSE-FT's picture (paper §3.2, fig. 3): IID score (``full_score``) against the mean OOD score,
+    one curve per method over λ, baselines as single points."""
+    columns = ood_columns(rows)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        xy = [(r["full_score"], sum(r[c] for c in columns) / len(columns)) for r in mine]
+        if mine[0].get("coefficients") is None:
+            ax.scatter(*zip(*xy), marker="x", label=method)
+            continue
+        ax.plot(*zip(*xy), marker="o", label=method)
+        for r, (x, y) in zip(mine, xy):
+            ax.annotate(f"{r['coefficients'][target]:.1f}", (x, y), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xlabel("IID score")
+    ax.set_ylabel("OOD score (mean of " + ", ".join(c.split("/")[1] for c in columns) + ")")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def gain_heatmap(gains: Sequence[Sequence[float]], targets: Sequence[str], donors: Sequence[str], path,
+                 title: str = "score gain over the unmerged target") -> Path:
+    """Target × donor matrix of gains (paper fig. 2/3 style for many pairwise merges)."""
+    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(donors), 1 + 0.6 * len(targets)))
+    image = ax.imshow(gains, cmap="RdBu", vmin=-max(abs(g) for row in gains for g in row if not math.isnan(g)) or -1,
+                      vmax=max(abs(g) for row in gains for g in row if not math.isnan(g)) or 1)
+    ax.set_xticks(range(len(donors)), donors, rotation=45, ha="right")
+    ax.set_yticks(range(len(targets)), targets)
+    for y, row in enumerate(gains):
+        for x, value in enumerate(row):
+            if not math.isnan(value):
+                ax.text(x, y, f"{value:+.1f}", ha="center", va="center", fontsize=7)
+    ax.set_xlabel("donor")
+    ax.set_ylabel("target")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    return _save(fig, path)

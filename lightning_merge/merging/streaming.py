@@ -75,10 +75,12 @@ class SafetensorsFile:
         size = dtype.itemsize
         begin, end = entry["data_offsets"]
         stop = (end - begin) // size if stop is None else stop
-        buffer = bytearray(os.pread(self._fd, (stop - start) * size, self._data_start + begin + start * size))
-        if len(buffer) != (stop - start) * size:
-            raise ValueError(f"{self.path} is truncated inside tensor {name!r}")
-        return torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+        values = torch.empty(stop - start, dtype=dtype)
+        if values.numel():  # read straight into the tensor's memory: no intermediate bytes object
+            got = os.preadv(self._fd, [values.view(torch.uint8).numpy()], self._data_start + begin + start * size)
+            if got != values.numel() * size:
+                raise ValueError(f"{self.path} is truncated inside tensor {name!r}")
+        return values
 
     def read_tensor(self, name: str) -> torch.Tensor:
         return self.read(name).view(self.shape(name))
@@ -143,7 +145,7 @@ class SafetensorsWriter:
         entry = self.header[name]
         values = values.detach().reshape(-1).to("cpu", _DTYPES[entry["dtype"]]).contiguous()
         position = self._data_start + entry["data_offsets"][0] + start * values.element_size()
-        os.pwrite(self._fd, values.view(torch.uint8).numpy().tobytes(), position)
+        os.pwrite(self._fd, values.view(torch.uint8).numpy(), position)
 
     def commit(self) -> Path:
         os.fsync(self._fd)
@@ -158,7 +160,7 @@ class SafetensorsWriter:
 
 def merge_safetensors(models: Sequence[str | os.PathLike], coefficients: Sequence[float], output: str | os.PathLike,
                       method: MergeMethod, fishers: Sequence[str | os.PathLike] | None = None,
-                      keep: Sequence[str] = (), target: int = 0, chunk_elements: int = 1 << 22) -> Path:
+                      keep: Sequence[str] = (), target: int = 0, chunk_elements: int = 1 << 20) -> Path:
     """Merge ``models`` (files or export folders) with ``method`` into ``output``, streaming.
 
     Tensors whose name starts with a prefix in ``keep`` (the task head, e.g. ``classifier.``) are

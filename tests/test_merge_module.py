@@ -2,6 +2,9 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from lightning_merge.modules import MergeModule, ModelSpec
 from tests.fixtures import TINY_VIT, write_tiny_bert
 
 GLUE = "lightning_merge.data.GlueDataModule"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +38,7 @@ def pair(tmp_path_factory, glue_dir):
 
 
 def run_merge(tmp_path, init_args, stage="validate"):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = {"trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
               "model": {"class_path": "lightning_merge.modules.MergeModule", "init_args": init_args}}
     path = tmp_path / "merge.yaml"
@@ -155,3 +160,23 @@ def test_bad_specs_are_refused_up_front(pair, glue_dir):
     module = MergeModule([ModelSpec(str(models["mnli"]), data=data), ModelSpec(str(models["rte"]))])
     with pytest.raises(ValueError, match="has 3 outputs but its data .* has 2 labels"):
         module.setup("validate")
+
+
+def test_two_processes_report_what_one_does(pair, glue_dir, tmp_path):
+    """DDP pads the 5 selection / 5 held-out examples to 6 with repeats: each must count once."""
+    root, models = pair
+    args = {"models": [glue_spec(models["rte"], "rte", glue_dir, f"{root}/rte.safetensors"),
+                       glue_spec(models["mnli"], "mnli", glue_dir, f"{root}/mnli.safetensors", data=False)],
+            "search": {"class_path": "lightning_merge.merging.GridSearch", "init_args": {"points": 3}},
+            "select_examples": 5}
+    one = run_merge(tmp_path / "one", {**args, "output_dir": str(tmp_path / "one" / "out")})
+    config = {"trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "logger": False,
+                          "enable_progress_bar": False},
+              "model": {"class_path": "lightning_merge.modules.MergeModule",
+                        "init_args": {**args, "output_dir": str(tmp_path / "two")}}}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "lightning_merge.cli", "validate", "--config", str(tmp_path / "two.yaml")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["results"] == one["results"] and two["search"] == one["search"]

@@ -93,7 +93,10 @@ COMPOSITIONS = {
     "fisher/exact": ("predict", ["configs/data/glue_local.yaml", "configs/fisher/exact.yaml"]),
     "quickstart/pretrain": ("fit", [*DIGITS_VIT, "recipes/quickstart/pretrain.yaml"]),
     "quickstart/finetune_shifted": ("fit", [*DIGITS_VIT, "recipes/quickstart/finetune_shifted.yaml"]),
+    "quickstart/finetune_noise": ("fit", [*DIGITS_VIT, "recipes/quickstart/finetune_noise.yaml"]),
     "quickstart/fisher": ("predict", ["configs/data/digits.yaml", "recipes/quickstart/fisher.yaml"]),
+    "quickstart/wise_ft": ("validate", ["recipes/quickstart/wise_ft.yaml"]),
+    "quickstart/merge": ("validate", ["recipes/quickstart/merge.yaml"]),
 }
 
 
@@ -112,4 +115,9 @@ def test_every_yaml_composes_through_the_cli(name, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("lightning_merge.modules.")
-    assert printed["data"]["class_path"].startswith("lightning_merge.data.")
+    if printed["model"]["class_path"].endswith("MergeModule"):  # per-model data, no top-level data
+        specs = printed["model"]["init_args"]["models"]
+        assert printed.get("data") is None and len(specs) >= 2
+        assert all(s["data"]["class_path"].startswith("lightning_merge.data.") for s in specs if s.get("data"))
+    else:
+        assert printed["data"]["class_path"].startswith("lightning_merge.data.")

@@ -36,8 +36,8 @@ SHIFTS: dict[str, Shift] = {"rotate": _rotate, "noise": _noise, "invert": _inver
 
 
 def get_shift(name: str | None) -> Shift | None:
-    """The shift called ``name`` (``None``/``"none"``/``"iid"`` means no shift)."""
-    if name is None or name in ("none", "iid"):
+    """The shift called ``name`` (``None``, ``"none"``, ``"original"`` or ``"iid"``: no shift)."""
+    if name is None or name in ("none", "original", "iid"):
         return None
     if name not in SHIFTS:
         raise ValueError(f"Unknown distribution shift {name!r}; known shifts: {', '.join(SHIFTS)}")

@@ -48,8 +48,8 @@ class GridSearch(CoefficientSearch):
             raise ValueError(f"GridSearch merges 2 models, got {num_models}: use DirichletSearch for more")
         out = []
         for lam in np.linspace(0.0, 1.0, self.points).tolist():
-            pair = [1.0 - lam, 1.0 - lam]
-            pair[target] = lam
+            pair = [round(1.0 - lam, 12)] * 2  # 0.1, not 0.09999999999999998, in tables
+            pair[target] = round(lam, 12)
             out.append(pair)
         return out
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -45,7 +45,9 @@ class ModelSpec:
         data: the data module of this model's task; models with data are evaluated (under their own
             head), the others only contribute parameters (e.g. an intermediate-task donor).
         task: models with the same task share a label space: their heads are merged too, and they
-            form the output ensemble. Default: the data's task, else the folder name.
+            form the output ensemble. Default: the model's ``name``.
+        name: labels this model's evaluation in result columns. Default: the data's task (GLUE) or
+            source and shift (images), else the folder name.
     """
 
     path: str
@@ -53,6 +55,16 @@ class ModelSpec:
     mask_fisher: str | None = None
     data: pl.LightningDataModule | None = None
     task: str | None = None
+    name: str | None = None
+
+
+def _under(root: str, path: str | None) -> str | None:
+    return None if path is None else str(Path(root) / path)  # an absolute `path` stays as it is
+
+
+def _rooted(spec: ModelSpec, root: str) -> ModelSpec:
+    return replace(spec, path=_under(root, spec.path), fisher=_under(root, spec.fisher),
+                   mask_fisher=_under(root, spec.mask_fisher))
 
 
 @dataclass
@@ -80,13 +92,19 @@ class MergeModule(pl.LightningModule):
         output_dir: where ``results.csv/json``, ``search.csv`` and the plots go.
         export_dir: export the best merged model there (in its native format), chosen by selection
             score among ``export_method`` (default: all methods).
+        root_dir: relative paths (models, Fishers, ``output_dir``, ``export_dir``) are taken relative
+            to it, so a recipe's config can name its stages' outputs and a run can move them.
     """
 
     def __init__(self, models: list[ModelSpec], methods: list[MergeMethod] | None = None,
                  search: CoefficientSearch | None = None, target: int = 0, select_examples: float = 2048,
                  report: str = BEST, baselines: list[str] | None = None, output_dir: str = "merge_results",
-                 export_dir: str | None = None, export_method: str | None = None, plot: bool = True) -> None:
+                 export_dir: str | None = None, export_method: str | None = None, plot: bool = True,
+                 root_dir: str | None = None) -> None:
         super().__init__()
+        if root_dir is not None:
+            models = [_rooted(spec, root_dir) for spec in models]
+            output_dir, export_dir = _under(root_dir, output_dir), _under(root_dir, export_dir)
         if len(models) < 2:
             raise ValueError(f"merging needs at least 2 models, got {len(models)}")
         if not 0 <= target < len(models):
@@ -133,7 +151,8 @@ class MergeModule(pl.LightningModule):
         self.backbones = nn.ModuleList(load_backbone(s.path) for s in self.specs)
         for backbone in self.backbones:
             backbone.requires_grad_(False).eval()
-        self.tasks = [self._task_name(i) for i in range(len(self.specs))]
+        self.names = self._names()
+        self.tasks = [s.task or name for s, name in zip(self.specs, self.names)]
         self.evaluated = [i for i, s in enumerate(self.specs) if s.data is not None]
         for i in self.evaluated:
             self._setup_data(i, stage)
@@ -141,17 +160,18 @@ class MergeModule(pl.LightningModule):
         self._plan()
         self._prepared = True
 
-    def _task_name(self, i: int) -> str:
-        spec = self.specs[i]
-        if spec.task:
-            return spec.task
-        task = getattr(spec.data, "task", None)
-        if task is not None:
-            return getattr(task, "name", str(task))
-        if spec.data is not None and hasattr(spec.data, "hparams"):
-            hp = spec.data.hparams
-            return "_".join(str(x) for x in (hp.get("source"), hp.get("train_shift")) if x)
-        return Path(spec.path).name
+    def _names(self) -> list[str]:
+        names = []
+        for spec in self.specs:
+            name = spec.name
+            if name is None and spec.data is not None:
+                task = getattr(spec.data, "task", None)
+                hp = getattr(spec.data, "hparams", {})
+                name = getattr(task, "name", None) or "_".join(
+                    str(x) for x in (hp.get("source"), hp.get("train_shift")) if x)
+            names.append(name or Path(spec.path).name)
+        # Evaluated names must not collide: they key the result columns.
+        return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
     def _setup_data(self, i: int, stage: str) -> None:
         data, backbone = self.specs[i].data, self.backbones[i]
@@ -159,7 +179,7 @@ class MergeModule(pl.LightningModule):
         data.setup(stage)
         if data.num_labels != backbone.num_labels:
             raise ValueError(f"Model {i} ({self.specs[i].path}) has {backbone.num_labels} outputs but its data "
-                             f"({self.tasks[i]}) has {data.num_labels} labels")
+                             f"({self.names[i]}) has {data.num_labels} labels")
 
     def _setup_merge(self) -> None:
         """Flat buffers of every model's merged tensors, shared by all methods."""
@@ -187,7 +207,7 @@ class MergeModule(pl.LightningModule):
         k = int(self.select_examples) if self.select_examples >= 1 else int(round(self.select_examples * n))
         k = min(max(k, 1), n)
         if k == n:
-            rank_zero_warn(f"{self.tasks[i]}: all {n} evaluation examples select the coefficients, none is held "
+            rank_zero_warn(f"{self.names[i]}: all {n} evaluation examples select the coefficients, none is held "
                            f"out; the held-out score is empty and the full score is optimistic "
                            f"(lower select_examples)")
         others = [list(range(data.eval_size(s, self.stage))) for s in range(1, len(data.eval_set_names))]
@@ -329,7 +349,7 @@ class MergeModule(pl.LightningModule):
         row: dict[str, object] = {"method": cand.method, "coefficients": cand.coefficients}
         selection, heldout, full = [], [], []
         for i in self.evaluated:
-            task = self.tasks[i]
+            task = self.names[i]
             selection.append(self._metrics(i, 0, [(c, SELECT)])["score"])
             heldout.append(self._metrics(i, 0, [(rest, HELDOUT)])["score"])
             values = self._metrics(i, 0, [(c, SELECT), (rest, HELDOUT)])
@@ -369,9 +389,10 @@ class MergeModule(pl.LightningModule):
                 self.logger.log_metrics({f"{name}/{k}": float(v) for k, v in row.items()
                                          if isinstance(v, float) and not math.isnan(v)})
         if self.trainer.is_global_zero:
-            facts = {"target": self.target, "models": [s.path for s in self.specs], "tasks": self.tasks,
-                     "selection_examples": {self.tasks[i]: len(self.splits[i][0]) for i in self.evaluated},
-                     "heldout_examples": {self.tasks[i]: len(self.splits[i][1]) for i in self.evaluated},
+            facts = {"target": self.target, "models": [s.path for s in self.specs], "names": self.names,
+                     "tasks": self.tasks,
+                     "selection_examples": {self.names[i]: len(self.splits[i][0]) for i in self.evaluated},
+                     "heldout_examples": {self.names[i]: len(self.splits[i][1]) for i in self.evaluated},
                      "stage": self.stage, "report": self.report, "merge_seconds": self.merge_seconds}
             written = write_results(self.output_dir, rows, search, facts, self.target, self.plot)
             rank_zero_info("Merge results:\n" + written)
@@ -397,7 +418,7 @@ class MergeModule(pl.LightningModule):
             self._loaded.pop(i, None)
             directory = Path(self.export_dir)
             if len(self.evaluated) > 1:
-                directory = directory / self.tasks[i]
+                directory = directory / self.names[i]
             self.backbones[i].export(directory)
             rank_zero_info(f"Exported {best['method']} merge (coefficients {best['coefficients']}) of "
-                           f"{self.tasks[i]} to {directory}")
+                           f"{self.names[i]} to {directory}")

@@ -121,3 +121,31 @@ def test_every_yaml_composes_through_the_cli(name, capsys):
         assert all(s["data"]["class_path"].startswith("lightning_merge.data.") for s in specs if s.get("data"))
     else:
         assert printed["data"]["class_path"].startswith("lightning_merge.data.")
+
+
+def test_training_steps_run_with_dropout_on(tiny_bert, glue_dir, tmp_path):
+    """`from_pretrained` returns eval-mode models and Lightning keeps module modes: fit must switch
+    the backbone to train mode (dropout on), and validation back to eval."""
+    import lightning.pytorch as pl
+
+    from lightning_merge.backbones import HFTextClassifier
+    from lightning_merge.data import GlueDataModule
+    from lightning_merge.modules import FineTuneModule
+
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen["train"] = [m.training for m in module.backbone.model.modules()]
+
+        def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0):
+            seen["val"] = [m.training for m in module.backbone.model.modules()]
+
+    backbone = HFTextClassifier(str(tiny_bert))
+    assert not backbone.model.training  # what from_pretrained hands over
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Probe()],
+                         default_root_dir=tmp_path)
+    trainer.fit(FineTuneModule(backbone, export_dir=str(tmp_path / "export")),
+                datamodule=GlueDataModule("rte", data_dir=str(glue_dir), batch_size=4))
+    assert all(seen["train"]) and not any(seen["val"])

@@ -54,6 +54,9 @@ class FineTuneModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._reference = [r.to(self.device) for r in self._reference]
+        # `from_pretrained` returns models in eval mode and Lightning keeps each module's mode: without
+        # this, fine-tuning would run with dropout off.
+        self.backbone.train()
 
     def configure_optimizers(self):
         hp = self.hparams

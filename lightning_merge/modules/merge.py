@@ -62,9 +62,16 @@ def _under(root: str, path: str | None) -> str | None:
     return None if path is None else str(Path(root) / path)  # an absolute `path` stays as it is
 
 
+def _input_under(root: str, path: str | None) -> str | None:
+    """An input under ``root`` if it is there; otherwise as given (a hub id such as
+    ``textattack/bert-base-uncased-MNLI``, or a path relative to the working directory)."""
+    rooted = _under(root, path)
+    return rooted if rooted is not None and Path(rooted).exists() else path
+
+
 def _rooted(spec: ModelSpec, root: str) -> ModelSpec:
-    return replace(spec, path=_under(root, spec.path), fisher=_under(root, spec.fisher),
-                   mask_fisher=_under(root, spec.mask_fisher))
+    return replace(spec, path=_input_under(root, spec.path), fisher=_input_under(root, spec.fisher),
+                   mask_fisher=_input_under(root, spec.mask_fisher))
 
 
 @dataclass
@@ -92,8 +99,9 @@ class MergeModule(pl.LightningModule):
         output_dir: where ``results.csv/json``, ``search.csv`` and the plots go.
         export_dir: export the best merged model there (in its native format), chosen by selection
             score among ``export_method`` (default: all methods).
-        root_dir: relative paths (models, Fishers, ``output_dir``, ``export_dir``) are taken relative
-            to it, so a recipe's config can name its stages' outputs and a run can move them.
+        root_dir: relative paths are taken relative to it (models and Fishers when they exist there,
+            so hub ids still work; always ``output_dir`` and ``export_dir``), so a recipe's config can
+            name its stages' outputs and a run can move them.
     """
 
     def __init__(self, models: list[ModelSpec], methods: list[MergeMethod] | None = None,

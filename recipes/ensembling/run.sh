@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Merging as an alternative to ensembling (NeurIPS paper §3.1, fig. 2): M checkpoints of one task,
+# merged with λ = 1/M (isotropic and Fisher), against their output ensemble and the models alone.
+#   1 finetune  one model per seed in SEEDS (skipped when MODELS lists checkpoints) -> $OUT_DIR/seed*/export
+#   2 fisher    exact Fisher of each                                              -> $OUT_DIR/fisher/*.safetensors
+#   3 merge                                                                       -> $OUT_DIR/results.csv
+# Environment (defaults): TASK (RTE), SEEDS ("1 2 3 4 5"), MODELS (space-separated hub ids or export
+# folders; fine-tunes nothing when set), MODEL_CONFIG (configs/model/minilm.yaml; configs/model/bert_base.yaml
+# for the paper), DATA_DIR (../shared/data/glue; "null" for the hub), EPOCHS (3), MAX_TRAIN_EXAMPLES
+# (all), FISHER_EXAMPLES (4096), OUT_DIR (outputs/ensembling), FORCE=1, EXTRA_ARGS.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+TASK=${TASK:-RTE}
+SEEDS=${SEEDS:-1 2 3 4 5}
+MODELS=${MODELS:-}
+MODEL_CONFIG=${MODEL_CONFIG:-configs/model/minilm.yaml}
+DATA_DIR=${DATA_DIR:-../shared/data/glue}
+EPOCHS=${EPOCHS:-3}
+MAX_TRAIN_EXAMPLES=${MAX_TRAIN_EXAMPLES:-null}
+FISHER_EXAMPLES=${FISHER_EXAMPLES:-4096}
+OUT_DIR=${OUT_DIR:-outputs/ensembling}
+FORCE=${FORCE:-0}
+
+done_already() {
+  if [[ -f "$1" && "$FORCE" != 1 ]]; then echo "== $2: already done ($1), FORCE=1 to redo"; return 0; fi
+  echo "== $2"; return 1
+}
+NUM_LABELS=$(python -c "import sys; from lightning_merge.data.glue_tasks import get_glue_task, num_labels_for
+print(num_labels_for(get_glue_task(sys.argv[1]), True))" "$TASK")
+
+paths=()
+if [[ -n "$MODELS" ]]; then
+  read -r -a paths <<< "$MODELS"
+else
+  for seed in $SEEDS; do
+    paths+=("$OUT_DIR/seed$seed/export")
+    done_already "$OUT_DIR/seed$seed/export/lightning_merge.json" "fine-tune seed $seed" && continue
+    lightning-merge fit --config "$MODEL_CONFIG" --config configs/data/glue_local.yaml \
+      --config recipes/glue_intermediate_minilm/finetune.yaml --seed_everything "$seed" \
+      --data.init_args.task "$TASK" --data.init_args.data_dir "$DATA_DIR" \
+      --data.init_args.max_train_examples "$MAX_TRAIN_EXAMPLES" --data.init_args.seed "$seed" \
+      --model.init_args.backbone.init_args.num_labels "$NUM_LABELS" --trainer.max_epochs "$EPOCHS" \
+      --trainer.default_root_dir "$OUT_DIR/seed$seed" --model.init_args.export_dir "$OUT_DIR/seed$seed/export" \
+      ${EXTRA_ARGS:-}
+  done
+fi
+
+specs=""
+for i in "${!paths[@]}"; do
+  out="$OUT_DIR/fisher/model$i.safetensors"
+  if ! done_already "$out" "fisher model $i (${paths[$i]})"; then
+    lightning-merge predict --config configs/data/glue_local.yaml --config configs/fisher/exact.yaml \
+      --model.init_args.backbone.init_args.name_or_path "${paths[$i]}" --model.init_args.output "$out" \
+      --data.init_args.task "$TASK" --data.init_args.data_dir "$DATA_DIR" \
+      --data.init_args.max_predict_examples "$FISHER_EXAMPLES" --trainer.default_root_dir "$OUT_DIR/fisher" \
+      ${EXTRA_ARGS:-}
+  fi
+  path=${paths[$i]}; [[ -e "$path" ]] && path=$(realpath "$path")
+  specs+="{path: $path, fisher: $(realpath "$out"), task: $TASK, data: {class_path: lightning_merge.data.GlueDataModule,
+          init_args: {task: $TASK, data_dir: $DATA_DIR}}},"
+done
+if ! done_already "$OUT_DIR/results.json" "merge ${#paths[@]} models, λ = 1/${#paths[@]}"; then
+  lightning-merge validate --config recipes/ensembling/merge.yaml --model.init_args.root_dir "$OUT_DIR" \
+    --model.init_args.models "[${specs%,}]" ${EXTRA_ARGS:-}
+fi
+cat "$OUT_DIR/results.csv"

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Intermediate-task merging with BERT-base (NeurIPS paper §3.3 / arXiv §3.1.1), models and GLUE from
+# the hub: fine-tune the target, take the donor from the hub (or fine-tune it), Fisher of both on
+# 4096 training examples, 50-point λ grid, Fisher vs isotropic vs unmerged.
+#   1 target  fine-tune bert-base-uncased on TARGET_TASK  -> $OUT_DIR/target/export
+#   2 donor   DONOR_MODEL from the hub, or fine-tuned on DONOR_TASK when DONOR_MODEL is empty
+#   3 fisher  exact Fisher of both                        -> $OUT_DIR/fisher/{target,donor}.safetensors
+#   4 merge                                               -> $OUT_DIR/results.csv, score_vs_lambda.png
+# Environment (defaults): TARGET_TASK (RTE), DONOR_TASK (MNLI), DONOR_MODEL
+# (textattack/bert-base-uncased-MNLI), OUT_DIR (outputs/glue_intermediate), DATA_DIR (empty: hub),
+# FISHER_EXAMPLES (4096), GRID_POINTS (50), FORCE=1, EXTRA_ARGS (every stage, e.g.
+# "--trainer.devices 4 --trainer.strategy ddp").
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+TARGET_TASK=${TARGET_TASK:-RTE}
+DONOR_TASK=${DONOR_TASK:-MNLI}
+DONOR_MODEL=${DONOR_MODEL-textattack/bert-base-uncased-MNLI}
+OUT_DIR=${OUT_DIR:-outputs/glue_intermediate}
+DATA_DIR=${DATA_DIR:-null}
+FISHER_EXAMPLES=${FISHER_EXAMPLES:-4096}
+GRID_POINTS=${GRID_POINTS:-50}
+FORCE=${FORCE:-0}
+HERE=recipes/glue_intermediate
+
+done_already() {
+  if [[ -f "$1" && "$FORCE" != 1 ]]; then echo "== $2: already done ($1), FORCE=1 to redo"; return 0; fi
+  echo "== $2"; return 1
+}
+num_labels() {
+  python -c "import sys; from lightning_merge.data.glue_tasks import get_glue_task, num_labels_for
+print(num_labels_for(get_glue_task(sys.argv[1]), True))" "$1"
+}
+finetune() {  # finetune ROLE TASK
+  done_already "$OUT_DIR/$1/export/lightning_merge.json" "fine-tune $1 ($2)" && return
+  lightning-merge fit --config configs/trainer/default.yaml --config configs/model/bert_base.yaml \
+    --config configs/data/glue_local.yaml --config "$HERE/finetune.yaml" \
+    --data.init_args.task "$2" --data.init_args.data_dir "$DATA_DIR" \
+    --model.init_args.backbone.init_args.num_labels "$(num_labels "$2")" \
+    --model.init_args.backbone.init_args.reinit_head true \
+    --trainer.default_root_dir "$OUT_DIR/$1" --model.init_args.export_dir "$OUT_DIR/$1/export" ${EXTRA_ARGS:-}
+}
+fisher() {  # fisher ROLE MODEL TASK
+  done_already "$OUT_DIR/fisher/$1.safetensors" "fisher $1 ($3)" && return
+  lightning-merge predict --config configs/data/glue_local.yaml --config configs/fisher/exact.yaml \
+    --model.init_args.backbone.init_args.name_or_path "$2" --model.init_args.output "$OUT_DIR/fisher/$1.safetensors" \
+    --data.init_args.task "$3" --data.init_args.data_dir "$DATA_DIR" \
+    --data.init_args.max_predict_examples "$FISHER_EXAMPLES" --trainer.default_root_dir "$OUT_DIR/fisher" ${EXTRA_ARGS:-}
+}
+
+finetune target "$TARGET_TASK"
+DONOR_PATH=$DONOR_MODEL
+if [[ -z "$DONOR_MODEL" ]]; then finetune donor "$DONOR_TASK"; DONOR_PATH=donor/export; fi
+fisher target "$OUT_DIR/target/export" "$TARGET_TASK"
+fisher donor "$([[ -z "$DONOR_MODEL" ]] && echo "$OUT_DIR/donor/export" || echo "$DONOR_MODEL")" "$DONOR_TASK"
+if ! done_already "$OUT_DIR/results.json" "merge $TARGET_TASK ← $DONOR_TASK"; then
+  MODELS="[{path: target/export, fisher: fisher/target.safetensors, data: {class_path: lightning_merge.data.GlueDataModule,
+           init_args: {task: $TARGET_TASK, data_dir: $DATA_DIR, eval_batch_size: 64}}},
+          {path: $DONOR_PATH, fisher: fisher/donor.safetensors}]"
+  lightning-merge validate --config "$HERE/merge.yaml" --model.init_args.root_dir "$OUT_DIR" \
+    --model.init_args.models "$MODELS" --model.init_args.search.init_args.points "$GRID_POINTS" ${EXTRA_ARGS:-}
+fi
+cat "$OUT_DIR/results.csv"

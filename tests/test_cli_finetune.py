@@ -97,6 +97,17 @@ COMPOSITIONS = {
     "quickstart/fisher": ("predict", ["configs/data/digits.yaml", "recipes/quickstart/fisher.yaml"]),
     "quickstart/wise_ft": ("validate", ["recipes/quickstart/wise_ft.yaml"]),
     "quickstart/merge": ("validate", ["recipes/quickstart/merge.yaml"]),
+    "glue_intermediate_minilm/finetune": ("fit", [*GLUE_MINILM, "recipes/glue_intermediate_minilm/finetune.yaml"]),
+    "glue_intermediate_minilm/merge": ("validate", ["recipes/glue_intermediate_minilm/merge.yaml"]),
+    "glue_intermediate/finetune": ("fit", ["configs/trainer/default.yaml", "configs/model/bert_base.yaml",
+                                           "configs/data/glue_local.yaml", "recipes/glue_intermediate/finetune.yaml"]),
+    "glue_intermediate/merge": ("validate", ["recipes/glue_intermediate/merge.yaml"]),
+    "ensembling/merge": ("validate", ["recipes/ensembling/merge.yaml"]),
+    "wise_ft_vit/linear_probe": ("fit", ["configs/data/cifar10_hub.yaml", "configs/model/vit_base_hub.yaml",
+                                         "recipes/wise_ft_vit/linear_probe.yaml"]),
+    "wise_ft_vit/finetune": ("fit", ["configs/data/cifar10_hub.yaml", "configs/model/vit_base_hub.yaml",
+                                     "recipes/wise_ft_vit/finetune.yaml"]),
+    "wise_ft_vit/wise_ft": ("validate", ["recipes/wise_ft_vit/wise_ft.yaml"]),
 }
 
 
@@ -149,3 +160,29 @@ def test_training_steps_run_with_dropout_on(tiny_bert, glue_dir, tmp_path):
     trainer.fit(FineTuneModule(backbone, export_dir=str(tmp_path / "export")),
                 datamodule=GlueDataModule("rte", data_dir=str(glue_dir), batch_size=4))
     assert all(seen["train"]) and not any(seen["val"])
+
+
+def test_freeze_body_trains_the_head_alone(tiny_bert, glue_dir, tmp_path):
+    import lightning.pytorch as pl
+
+    from lightning_merge.backbones import HFTextClassifier
+    from lightning_merge.data import GlueDataModule
+    from lightning_merge.modules import FineTuneModule
+
+    backbone = HFTextClassifier(str(tiny_bert))
+    before = {n: p.detach().clone() for n, p in backbone.model.named_parameters()}
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(FineTuneModule(backbone, learning_rate=1e-2, freeze_body=True, export_dir=str(tmp_path / "e")),
+                datamodule=GlueDataModule("rte", data_dir=str(glue_dir), batch_size=4))
+    for name, p in backbone.model.named_parameters():
+        assert torch.equal(p, before[name]) != backbone.is_head(name), name
+
+
+def test_every_recipe_script_is_valid_bash():
+    import subprocess
+
+    scripts = sorted((ROOT / "recipes").glob("*/run.sh"))
+    assert len(scripts) >= 5
+    for script in scripts:
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script

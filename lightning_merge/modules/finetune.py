@@ -23,18 +23,24 @@ class FineTuneModule(pl.LightningModule):
     single detached copy of the body, kept only when the term is on, and not saved in checkpoints (it
     is the backbone's own starting point, rebuilt with it).
 
+    ``freeze_body`` trains the task head alone (a linear probe).
+
     At the end of ``fit`` the backbone is exported in its native format to ``export_dir`` (default:
     ``<log_dir>/export``, beside ``checkpoints/``), ready for the Fisher and merge stages.
     """
 
     def __init__(self, backbone: Backbone, learning_rate: float = 2e-5, weight_decay: float = 0.0,
-                 warmup_ratio: float = 0.0, l2_to_pretrained: float = 0.0, export_dir: str | None = None) -> None:
+                 warmup_ratio: float = 0.0, l2_to_pretrained: float = 0.0, export_dir: str | None = None,
+                 freeze_body: bool = False) -> None:
         super().__init__()
         if l2_to_pretrained < 0:
             raise ValueError(f"l2_to_pretrained must be >= 0, got {l2_to_pretrained}")
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         self._body = [p for _, p in backbone.body_named_parameters()]
+        if freeze_body:  # a linear probe: only the task head learns (e.g. the zero-shot end of WiSE-FT)
+            for p in self._body:
+                p.requires_grad_(False)
         self._reference = [p.detach().clone() for p in self._body] if l2_to_pretrained > 0 else []
         self.eval_metrics = nn.ModuleList()
         self.eval_set_names: list[str] = []
@@ -60,7 +66,8 @@ class FineTuneModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.backbone.parameters(), lr=hp.learning_rate,
+        trainable = [p for p in self.backbone.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate,
                                       weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(hp.warmup_ratio * total)

@@ -123,10 +123,31 @@ def test_parameters_are_restored_after_detach(tiny_bert):
     assert all(p.requires_grad for p in backbone.parameters())
 
 
-def test_tied_weights_are_refused_not_silently_wrong(tiny_bert):
-    from transformers import AutoModelForMaskedLM
+def test_masked_lm_with_tied_decoder_matches_the_loop(tiny_bert, tmp_path):
+    """A masked LM's decoder is tied to the word embeddings: each example's gradient of that weight
+    is the sum of both uses, squared after summing. Empirical variant (true tokens at the masked
+    positions), padded mask slots, against plain autograd one example at a time."""
+    from lightning_merge.backbones.hf_mlm import HFMaskedLM
+    from lightning_merge.data.masked_text import MaskedTextDataModule
 
-    mlm = AutoModelForMaskedLM.from_pretrained(str(tiny_bert))
-    assert mlm.cls.predictions.decoder.weight is mlm.bert.embeddings.word_embeddings.weight
-    with pytest.raises(NotImplementedError, match="'bert.embeddings.word_embeddings.weight' is tied"):
-        PerExampleSquaredGradients(mlm)
+    text = tmp_path / "text.txt"
+    lines = [*SENTENCES, "the cat", " ".join(SENTENCES[:3])]  # 1 to 5 masked tokens: padded slots
+    text.write_text("\n".join(lines) + "\n")
+    backbone = HFMaskedLM(str(tiny_bert)).eval()
+    decoder = backbone.model.get_output_embeddings()
+    assert decoder.weight is backbone.model.get_input_embeddings().weight
+    dm = MaskedTextDataModule(str(text), tokenizer=str(tiny_bert), mask_probability=0.3, max_predict_examples=None)
+    dm.setup("predict")
+    batch = dm.collate([dm.dataset[i] for i in range(len(dm.dataset))])
+    assert (batch["labels"] == -100).any()  # examples with fewer masked tokens: padded slots
+    n = len(batch["labels"])
+    reference = reference_fisher_sums(backbone.model, lambda i: backbone({k: v[i:i + 1] for k, v in batch.items()}),
+                                      n, "empirical", batch["labels"])
+    engine = PerExampleSquaredGradients(backbone.model)
+    with engine.capture(n):
+        logits = backbone(batch)
+        engine.accumulate(logits, logit_directions(logits, "empirical", batch["labels"]))
+    engine.detach()
+    name = "bert.embeddings.word_embeddings.weight"
+    assert name in engine.sums and reference[name].abs().max() > 0
+    assert_matches(engine.sums, reference, rtol=1e-5)

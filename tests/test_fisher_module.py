@@ -111,3 +111,47 @@ def test_fisher_preset_composes_with_a_data_config(capsys):
     assert printed["trainer"]["inference_mode"] is False
     assert printed["data"]["init_args"]["max_predict_examples"] == 4096
     assert printed["model"]["class_path"] == "lightning_merge.modules.FisherEstimationModule"
+
+
+def test_masked_lm_fisher_and_its_merge_with_a_classifier(tiny_bert, glue_dir, tmp_path):
+    """NeurIPS §3.4: the Fisher of a masked-LM checkpoint (sampled tokens at masked positions), then a
+    Fisher merge of that domain-adapted body into a classifier fine-tuned from the same start."""
+    from lightning_merge.backbones import HFMaskedLM, load_backbone
+    from tests.fixtures import SENTENCES
+
+    mlm = HFMaskedLM(str(tiny_bert)).export(tmp_path / "mlm")
+    text = tmp_path / "domain.txt"
+    text.write_text("\n".join(SENTENCES * 3) + "\n")
+    common = ["--trainer.inference_mode=false", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+              "--model=lightning_merge.modules.FisherEstimationModule"]
+    main(["predict", *common, "--model.backbone=lightning_merge.backbones.HFMaskedLM",
+          f"--model.backbone.name_or_path={mlm}", f"--model.output={tmp_path / 'mlm.safetensors'}",
+          "--model.num_samples=2", "--data=lightning_merge.data.MaskedTextDataModule", f"--data.source={text}",
+          "--data.batch_size=4"])
+    meta = read_fisher_metadata(tmp_path / "mlm.safetensors")
+    assert meta["variant"] == "sampled" and meta["samples_per_example"] == 2  # auto: a vocabulary-sized output
+    assert meta["num_examples"] == 3 * len(SENTENCES)
+    fisher = load_fisher(tmp_path / "mlm.safetensors")
+    assert fisher["bert.embeddings.word_embeddings.weight"].sum() > 0  # tied with the decoder
+    assert "cls.predictions.transform.dense.weight" in fisher and "bert.pooler.dense.weight" not in fisher
+    main(["predict", *common, "--model.backbone=lightning_merge.backbones.HFTextClassifier",
+          f"--model.backbone.name_or_path={tiny_bert}", f"--model.output={tmp_path / 'cls.safetensors'}",
+          "--data=lightning_merge.data.GlueDataModule", "--data.task=rte", f"--data.data_dir={glue_dir}"])
+    config = {"trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
+              "model": {"class_path": "lightning_merge.modules.MergeModule", "init_args": {
+                  "models": [{"path": str(tiny_bert), "fisher": str(tmp_path / "cls.safetensors"),
+                              "data": {"class_path": "lightning_merge.data.GlueDataModule",
+                                       "init_args": {"task": "rte", "data_dir": str(glue_dir)}}},
+                             {"path": str(mlm), "fisher": str(tmp_path / "mlm.safetensors"), "allow_missing": True}],
+                  "methods": [{"class_path": "lightning_merge.merging.FisherMerge"}],
+                  "select_examples": 0.5, "output_dir": str(tmp_path / "out"),
+                  "export_dir": str(tmp_path / "merged")}}}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    main(["validate", "--config", str(tmp_path / "merge.yaml")])
+    merged = load_backbone(tmp_path / "merged").model.state_dict()
+    target = load_backbone(tiny_bert).model.state_dict()
+    donor = load_backbone(mlm).model.state_dict()
+    assert torch.equal(merged["bert.pooler.dense.weight"], target["bert.pooler.dense.weight"])  # MLM has none
+    name = "bert.encoder.layer.0.output.dense.weight"
+    f_t, f_d = load_fisher(tmp_path / "cls.safetensors")[name], fisher[name]
+    torch.testing.assert_close(merged[name], (f_t * target[name] + f_d * donor[name]) / (f_t + f_d))

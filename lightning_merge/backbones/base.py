@@ -26,6 +26,9 @@ class Backbone(nn.Module, ABC):
     model: nn.Module
     head_prefixes: tuple[str, ...] = ()
     tokenizer = None  # text backbones set this
+    #: several categorical outputs per example (a masked LM's positions): the exact expectation over
+    #: labels would need (C−1) backward passes per output, so Fisher estimation samples labels instead
+    several_outputs: bool = False
 
     @property
     @abstractmethod

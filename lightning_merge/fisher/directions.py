@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 VARIANTS = ("exact", "sampled", "empirical")
+IGNORE = -100  # label of an output that is not part of the example (padding)
 
 
 def exact_directions(logits: torch.Tensor) -> torch.Tensor:
@@ -33,30 +34,38 @@ def exact_directions(logits: torch.Tensor) -> torch.Tensor:
 
 def sampled_directions(logits: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
                        ) -> torch.Tensor:
-    """``(k, B, C)``: ``(e_y − p)/√k`` for ``k`` labels ``y ~ p(y|x)`` per example."""
+    """``(k, *batch, C)``: ``(e_y − p)/√k`` for ``k`` labels ``y ~ p(y|x)`` per output (per example,
+    or per masked position of a masked LM, whose log-likelihood is the sum over its positions)."""
     p = torch.softmax(logits.detach().float(), dim=-1)
-    labels = torch.multinomial(p.cpu(), num_samples, replacement=True, generator=generator).to(p.device)
-    onehot = torch.nn.functional.one_hot(labels.T, p.shape[-1]).to(p.dtype)  # (k, B, C)
-    return ((onehot - p) / num_samples**0.5).to(logits.dtype)
+    flat = p.reshape(-1, p.shape[-1])
+    labels = torch.multinomial(flat.cpu(), num_samples, replacement=True, generator=generator).to(p.device)
+    onehot = torch.nn.functional.one_hot(labels.T, p.shape[-1]).to(p.dtype)  # (k, outputs, C)
+    return ((onehot.reshape(num_samples, *p.shape) - p) / num_samples**0.5).to(logits.dtype)
 
 
 def empirical_directions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``(1, B, C)``: ``e_y − p`` for the true labels."""
+    """``(1, *batch, C)``: ``e_y − p`` for the true labels."""
     p = torch.softmax(logits.detach().float(), dim=-1)
-    onehot = torch.nn.functional.one_hot(labels, p.shape[-1]).to(p.dtype)
+    onehot = torch.nn.functional.one_hot(labels.clamp(min=0), p.shape[-1]).to(p.dtype)
     return (onehot - p).unsqueeze(0).to(logits.dtype)
 
 
 def logit_directions(logits: torch.Tensor, variant: str, labels: torch.Tensor | None = None,
                      num_samples: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Directions for ``variant``. Outputs whose label is ``-100`` (the padding slots of a masked LM's
+    masked positions) get zero directions: they are not part of any example's likelihood."""
     if variant not in VARIANTS:
         raise ValueError(f"Unknown Fisher variant {variant!r}; choose one of {VARIANTS}")
     if logits.shape[-1] == 1:
-        return torch.ones(1, *logits.shape, dtype=logits.dtype, device=logits.device)
-    if variant == "exact":
-        return exact_directions(logits)
-    if variant == "sampled":
-        return sampled_directions(logits, num_samples, generator)
-    if labels is None:
+        directions = torch.ones(1, *logits.shape, dtype=logits.dtype, device=logits.device)
+    elif variant == "exact":
+        directions = exact_directions(logits)
+    elif variant == "sampled":
+        directions = sampled_directions(logits, num_samples, generator)
+    elif labels is None:
         raise ValueError("the empirical Fisher needs the true labels")
-    return empirical_directions(logits, labels)
+    else:
+        directions = empirical_directions(logits, labels)
+    if labels is not None and labels.shape == logits.shape[:-1] and (labels == IGNORE).any():
+        directions = directions * (labels != IGNORE).unsqueeze(-1).to(directions.dtype)
+    return directions

@@ -92,9 +92,10 @@ class _LinearSite(_Site):
         x, g = self.input, grad
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         g = g.reshape(g.shape[0], -1, g.shape[-1])
-        per_example = self.workspace.get((g.shape[0], g.shape[-1], x.shape[-1]), g)
-        torch.bmm(g.transpose(1, 2), x.to(g.dtype), out=per_example)  # G_b = Σ_t g_bt x_btᵀ
-        sums[self.params["weight"]].add_(per_example.square_().sum(0))
+        if "weight" in self.params:  # else a tie accumulates it (see _TiedEmbeddingLinear)
+            per_example = self.workspace.get((g.shape[0], g.shape[-1], x.shape[-1]), g)
+            torch.bmm(g.transpose(1, 2), x.to(g.dtype), out=per_example)  # G_b = Σ_t g_bt x_btᵀ
+            sums[self.params["weight"]].add_(per_example.square_().sum(0))
         _add_bias(self.params, g, sums)
 
 
@@ -117,6 +118,8 @@ class _LayerNormSite(_Site):
 
 class _EmbeddingSite(_Site):
     def accumulate(self, grad, sums):
+        if "weight" not in self.params:  # tied: accumulated by _TiedEmbeddingLinear
+            return
         m = self.module
         ids = self.input.reshape(self.input.shape[0], -1)
         g = grad.reshape(ids.shape[0], ids.shape[1], -1)
@@ -156,41 +159,105 @@ class _TimmPositionSite(_Site):
             sums[self.params["cls_token"]].add_(grad[:, :1].square().sum(0, keepdim=True))
 
 
-def _sites(model: nn.Module) -> list[_Site]:
+class _TiedEmbeddingLinear:
+    """A weight used both as an embedding table and as a linear layer (a masked-LM decoder tied to the
+    word embeddings). An example's gradient is the sum of both uses, squared only after summing:
+    ``G_b = Σ_t g_bt x_btᵀ`` from the decoder plus, in row ``id``, the embedding-output gradients of
+    the example's tokens with that id. Examples go through in chunks to bound the ``(V, H)`` temporaries."""
+
+    CHUNK_BYTES = 1 << 28
+
+    def __init__(self, name: str, embedding: _EmbeddingSite, linear: _LinearSite) -> None:
+        self.name, self.embedding, self.linear = name, embedding, linear
+
+    def accumulate(self, grads: dict, sums: dict[str, torch.Tensor]) -> None:
+        g_lin, g_emb = grads.get(self.linear), grads.get(self.embedding)
+        if g_lin is None and g_emb is None:
+            return
+        target = sums[self.name]
+        rows, width = target.shape
+        like = g_lin if g_lin is not None else g_emb
+        batch = like.shape[0]
+        if g_lin is not None:
+            x = self.linear.input.reshape(batch, -1, width).to(g_lin.dtype)
+            g_lin = g_lin.reshape(batch, -1, rows)
+        if g_emb is not None:
+            ids = self.embedding.input.reshape(batch, -1)
+            g_emb = g_emb.reshape(batch, ids.shape[1], width)
+            if self.embedding.module.padding_idx is not None:
+                g_emb = g_emb.masked_fill((ids == self.embedding.module.padding_idx).unsqueeze(-1), 0)
+        chunk = max(1, self.CHUNK_BYTES // (rows * width * like.element_size()))
+        for start in range(0, batch, chunk):
+            stop = min(start + chunk, batch)
+            if g_lin is not None:
+                per_example = torch.bmm(g_lin[start:stop].transpose(1, 2), x[start:stop])  # (c, V, H)
+            else:
+                per_example = torch.zeros(stop - start, rows, width, dtype=like.dtype, device=like.device)
+            if g_emb is not None:
+                offsets = torch.arange(stop - start, device=ids.device)[:, None] * rows
+                per_example.view(-1, width).index_add_(0, (offsets + ids[start:stop]).reshape(-1),
+                                                       g_emb[start:stop].reshape(-1, width))
+            target.add_(per_example.square_().sum(0).to(target.dtype))
+
+
+def _site_class(module: nn.Module, has_params: bool):
+    if isinstance(module, nn.Linear):
+        return _LinearSite
+    if isinstance(module, nn.LayerNorm) and has_params:
+        return _LayerNormSite
+    if isinstance(module, nn.Embedding):
+        return _EmbeddingSite
+    if isinstance(module, nn.Conv2d) and has_params:
+        return _PatchConvSite
+    return None
+
+
+def _sites(model: nn.Module) -> tuple[list[_Site], list[_TiedEmbeddingLinear]]:
+    """Every site, and the ties between them. A parameter reached through a module that computes
+    nothing with it (BERT's ``cls.predictions.bias``, used by the decoder) belongs to its user."""
     canonical = {id(p): n for n, p in model.named_parameters()}  # tied parameters appear once here
-    claimed: dict[int, str] = {}
+    claimed: dict[int, tuple[_Site, str]] = {}
     sites: list[_Site] = []
+    ties: list[_TiedEmbeddingLinear] = []
     for prefix, module in model.named_modules():
-        own = {}
-        for n, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            where = f"{prefix}.{n}" if prefix else n
-            if id(p) in claimed:
-                # Its per-example gradient is a sum over several places, to be squared only after
-                # summing: two independent per-site squares would be wrong.
-                raise NotImplementedError(f"parameter {canonical[id(p)]!r} is tied ({claimed[id(p)]} and "
-                                          f"{where}); the per-example Fisher does not support tied weights yet")
-            claimed[id(p)] = where
-            own[n] = canonical[id(p)]
-        if isinstance(module, nn.Linear):
-            sites.append(_LinearSite(module, own))
-        elif isinstance(module, nn.LayerNorm) and own:
-            if len(module.normalized_shape) != 1:
-                raise NotImplementedError(f"{prefix}: LayerNorm over several dims")
-            sites.append(_LayerNormSite(module, own))
-        elif isinstance(module, nn.Embedding):
-            sites.append(_EmbeddingSite(module, own))
-        elif isinstance(module, nn.Conv2d) and own:
-            if module.stride != module.kernel_size or module.padding not in (0, (0, 0)) or module.groups != 1:
-                raise NotImplementedError(f"{prefix}: only patch-embedding convolutions (stride = kernel)")
-            sites.append(_PatchConvSite(module, own))
-        elif {"pos_embed", "cls_token"} & set(own) and hasattr(module, "pos_drop"):
+        trainable = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        kind = _site_class(module, bool(trainable))
+        if kind is not None:
+            site = kind(module, {})
+            for n, p in trainable.items():
+                if id(p) not in claimed:
+                    claimed[id(p)] = (site, n)
+                    site.params[n] = canonical[id(p)]
+                    continue
+                first, first_local = claimed[id(p)]
+                pair = {type(first), type(site)}
+                if pair != {_EmbeddingSite, _LinearSite} or {first_local, n} != {"weight"}:
+                    raise NotImplementedError(
+                        f"parameter {canonical[id(p)]!r} is shared by {type(first.module).__name__} and "
+                        f"{prefix}; only an embedding tied to a linear layer is supported")
+                del first.params[first_local]  # squared after the sum, by the tie
+                embedding, linear = (first, site) if isinstance(first, _EmbeddingSite) else (site, first)
+                ties.append(_TiedEmbeddingLinear(canonical[id(p)], embedding, linear))
+            sites.append(site)
+            continue
+        own = {n: canonical[id(p)] for n, p in trainable.items()}
+        if {"pos_embed", "cls_token"} & set(own) and hasattr(module, "pos_drop"):
             if getattr(module, "no_embed_class", False) or getattr(module, "num_reg_tokens", 0):
                 raise NotImplementedError(f"{prefix}: ViT without class-token position embedding")
             site = _TimmPositionSite(module.pos_drop, {k: v for k, v in own.items() if k in ("pos_embed", "cls_token")})
             sites.append(site)
-    return sites
+    for site in sites:
+        _check_supported(site)
+    return sites, ties
+
+
+def _check_supported(site: _Site) -> None:
+    m = site.module
+    if isinstance(site, _LayerNormSite) and len(m.normalized_shape) != 1:
+        raise NotImplementedError(f"{type(m).__name__}: LayerNorm over several dims")
+    if isinstance(site, _PatchConvSite) and (m.stride != m.kernel_size or m.padding not in (0, (0, 0))
+                                             or m.groups != 1):
+        raise NotImplementedError("only patch-embedding convolutions (stride = kernel) are supported")
 
 
 class PerExampleSquaredGradients:
@@ -204,11 +271,11 @@ class PerExampleSquaredGradients:
     def __init__(self, model: nn.Module, accumulate_dtype: torch.dtype = torch.float32) -> None:
         self.model = model
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.sites = _sites(model)
+        self.sites, self.ties = _sites(model)
         self.workspace = _Workspace()
         for site in self.sites:
             site.workspace = self.workspace
-        covered = {name for site in self.sites for name in site.params.values()}
+        covered = {name for site in self.sites for name in site.params.values()} | {t.name for t in self.ties}
         missing = [n for n in self.names if n not in covered]
         if missing:
             raise NotImplementedError(f"No per-example gradient rule for parameters {missing[:8]}"
@@ -245,6 +312,10 @@ class PerExampleSquaredGradients:
             for site, grad in zip(sites, grads):
                 if grad is not None:
                     site.accumulate(grad, self.sums)
+            if self.ties:
+                by_site = {site: grad for site, grad in zip(sites, grads) if grad is not None}
+                for tie in self.ties:
+                    tie.accumulate(by_site, self.sums)
         for site in self.sites:
             site.clear()
 

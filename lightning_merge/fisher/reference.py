@@ -19,7 +19,13 @@ def reference_fisher_sums(model: nn.Module, forward: Callable[[int], torch.Tenso
     sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     for i in range(num_examples):
         logits = forward(i)[0]
-        if logits.numel() == 1:
+        if logits.dim() == 2:  # several outputs (a masked LM's positions): log p(y|x) = Σ_t log p(y_t|x)
+            if variant != "empirical":
+                raise ValueError("the reference handles several outputs per example for `empirical` only")
+            keep = labels[i] >= 0
+            log_p = torch.log_softmax(logits.double(), -1)[keep]
+            weighted = [(1.0, log_p.gather(1, labels[i][keep].unsqueeze(1)).sum())]
+        elif logits.numel() == 1:
             weighted = [(1.0, logits[0])]  # Gaussian, unit variance: E_y (∂z (y − z))² = (∂z)²
         else:
             log_p = torch.log_softmax(logits.double(), -1)

@@ -14,6 +14,7 @@ from lightning_merge.fisher.masks import MaskFisherEngine
 from lightning_merge.fisher.per_example import PerExampleSquaredGradients
 
 AUTO = "auto"
+MAX_EXACT_LABELS = 1024  # beyond this, C−1 backward passes per batch are not a sensible plan
 FULL, MASK = "full", "mask"
 
 
@@ -49,14 +50,24 @@ class FisherEstimationModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
         if variant == AUTO:
-            variant = "exact" if backbone.num_labels <= max_exact_classes else "sampled"
+            small = backbone.num_labels <= max_exact_classes and not backbone.several_outputs
+            variant = "exact" if small else "sampled"
+        if variant == "exact" and backbone.several_outputs:
+            raise ValueError(f"{type(backbone).__name__} has several outputs per example (masked positions): "
+                             "the exact Fisher is not offered there; use variant sampled (or auto)")
         self.variant = variant
         self.engine: PerExampleSquaredGradients | MaskFisherEngine | None = None
         self.num_examples = 0
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
-        if datamodule is not None and datamodule.num_labels != self.backbone.num_labels:
+        if hasattr(datamodule, "attach_model"):
+            datamodule.attach_model(self.backbone)
+        if self.variant == "exact" and self.backbone.num_labels > MAX_EXACT_LABELS:
+            raise ValueError(f"the exact Fisher needs {self.backbone.num_labels - 1} backward passes per batch "
+                             f"({self.backbone.num_labels} labels): use variant sampled (or auto)")
+        labels = getattr(datamodule, "num_labels", None)
+        if labels is not None and labels != self.backbone.num_labels:
             raise ValueError(f"The model's head has {self.backbone.num_labels} outputs but the data has "
                              f"{datamodule.num_labels} labels: is this the model fine-tuned on this task?")
 

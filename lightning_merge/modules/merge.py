@@ -48,6 +48,10 @@ class ModelSpec:
             form the output ensemble. Default: the model's ``name``.
         name: labels this model's evaluation in result columns. Default: the data's task (GLUE) or
             source and shift (images), else the folder name.
+        family: how to load ``path`` when it has no export manifest (``hf_text``, ``hf_mlm``,
+            ``timm_vit``; default ``hf_text``), e.g. ``hf_mlm`` for a domain-adapted masked LM.
+        allow_missing: this model lacks some of the other models' body tensors (a masked LM has no
+            pooler); those are kept from each evaluated model instead of being an architecture error.
     """
 
     path: str
@@ -56,6 +60,8 @@ class ModelSpec:
     data: pl.LightningDataModule | None = None
     task: str | None = None
     name: str | None = None
+    family: str | None = None
+    allow_missing: bool = False
 
 
 def _under(root: str, path: str | None) -> str | None:
@@ -156,7 +162,7 @@ class MergeModule(pl.LightningModule):
         if self._prepared:
             return
         self.stage = stage
-        self.backbones = nn.ModuleList(load_backbone(s.path) for s in self.specs)
+        self.backbones = nn.ModuleList(load_backbone(s.path, s.family) for s in self.specs)
         for backbone in self.backbones:
             backbone.requires_grad_(False).eval()
         self.names = self._names()
@@ -194,7 +200,7 @@ class MergeModule(pl.LightningModule):
         shared_task = len(set(self.tasks)) == 1
         head_names = set() if shared_task else {n for b in self.backbones for n in b.head_parameter_names()}
         states = [{n: p.detach() for n, p in b.model.named_parameters()} for b in self.backbones]
-        names = shared_body_names(states, head_names)
+        names = self._merged_names(states, head_names)
         shapes = {n: states[self.target][n].shape for n in names}
         self.layout = FlatLayout(shapes)
         self.thetas = [self.layout.flatten(s) for s in states]
@@ -208,6 +214,25 @@ class MergeModule(pl.LightningModule):
         rank_zero_info(f"Merging {len(names)} tensors ({self.layout.numel / 1e6:.1f}M values) of {len(self.specs)} "
                        f"models with {[m.name for m in self.methods]}"
                        f"{'' if shared_task else '; each task keeps its own head'}")
+
+    def _merged_names(self, states, head_names) -> list[str]:
+        partial = [i for i, spec in enumerate(self.specs) if spec.allow_missing]
+        if not partial:
+            return shared_body_names(states, head_names)
+        complete = [s for i, s in enumerate(states) if i not in partial]
+        names = shared_body_names(complete, head_names) if len(complete) > 1 else \
+            sorted(set(complete[0]) - set(head_names))
+        kept = sorted(n for n in names if any(n not in states[i] for i in partial))
+        names = [n for n in names if n not in kept]
+        if not names:
+            raise ValueError("the models share no body tensor: nothing to merge")
+        for i in partial:
+            wrong = [n for n in names if states[i][n].shape != states[self.target][n].shape]
+            if wrong:
+                raise ValueError(f"Model {i} ({self.specs[i].path}) differs in shape: {wrong[:5]}")
+        if kept:
+            rank_zero_info(f"Not in every model, kept as they are: {kept[:8]}{' ...' if len(kept) > 8 else ''}")
+        return names
 
     def _split(self, i: int) -> tuple[list[int], list[int], list[list[int]]]:
         data = self.specs[i].data

@@ -108,6 +108,7 @@ COMPOSITIONS = {
     "wise_ft_vit/finetune": ("fit", ["configs/data/cifar10_hub.yaml", "configs/model/vit_base_hub.yaml",
                                      "recipes/wise_ft_vit/finetune.yaml"]),
     "wise_ft_vit/wise_ft": ("validate", ["recipes/wise_ft_vit/wise_ft.yaml"]),
+    "mask_fisher_multitask/merge": ("validate", ["recipes/mask_fisher_multitask/merge.yaml"]),
 }
 
 

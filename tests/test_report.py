@@ -1,0 +1,30 @@
+"""The cross-run summary: per-task scores normalized by the unmerged ones, median over runs."""
+
+import json
+
+import pytest
+
+from lightning_merge.report import main, normalized_scores, summarize
+
+
+def results(merged_a, merged_b, unmerged_a=0.8, unmerged_b=0.5):
+    return {"facts": {"names": ["a", "b"]},
+            "results": [{"method": "unmerged", "a/score": unmerged_a, "b/score": unmerged_b},
+                        {"method": "fisher", "a/score": merged_a, "b/score": merged_b}]}
+
+
+def test_normalized_score_is_the_mean_ratio_to_unmerged():
+    assert normalized_scores(results(0.4, 0.5)) == pytest.approx({"fisher": (0.5 + 1.0) / 2})
+
+
+def test_median_over_runs_per_group(tmp_path, capsys):
+    for i, (a, b) in enumerate([(0.8, 0.5), (0.4, 0.5), (0.0, 0.5)]):
+        run = tmp_path / "128" / f"pair{i}"
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps(results(a, b)))
+    (row,) = summarize(tmp_path)
+    assert row["group"] == "128" and row["runs"] == 3 and row["median_normalized"] == pytest.approx(0.75)
+    (tmp_path / "t.csv").write_text("task,kind,examples,seconds\na,full,128,4\nb,full,128,6\n")
+    main(["normalized", str(tmp_path), "--timings", str(tmp_path / "t.csv"), "--out", str(tmp_path / "s.csv")])
+    assert "fisher_seconds_per_model" in capsys.readouterr().out
+    assert (tmp_path / "s.csv").read_text().splitlines()[1].endswith(",5.0")

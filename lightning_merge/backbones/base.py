@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from lightning_merge.atomic import staged_directory
 
 EXPORT_MANIFEST = "lightning_merge.json"
 
@@ -62,21 +62,9 @@ class Backbone(nn.Module, ABC):
         An existing export at ``directory`` is replaced only once the new one is complete.
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        with staged_directory(directory) as staging:
             manifest = {"family": self.family, "num_labels": self.num_labels, **self._export_files(staging)}
             (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
-            if directory.exists():
-                retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                directory.rename(retired)
-                staging.rename(directory)
-                shutil.rmtree(retired)
-            else:
-                staging.rename(directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return directory
 
 

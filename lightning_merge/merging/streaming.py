@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_merge.atomic import staged_directory
 from lightning_merge.fisher.io import read_fisher_metadata
 from lightning_merge.fisher.masks import expand_mask_fisher
 from lightning_merge.merging.formulas import normalize_coefficients
@@ -267,36 +268,22 @@ def _merge_into(writer, inputs, sources, method, lam, scales, names, merged, tar
             writer.write(name, method.merge_tensor(thetas, weights, lam, target, scales), start)
 
 
+def _write_file(path: Path, entries, metadata, fill) -> Path:
+    writer = SafetensorsWriter(path, entries, metadata)
+    try:
+        fill(writer)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.commit()
+
+
 def _write_output(target_path: Path, output: Path, entries, metadata, fill) -> Path:
     if not target_path.is_dir():
-        writer = SafetensorsWriter(output, entries, metadata)
-        try:
-            fill(writer)
-        except BaseException:
-            writer.abort()
-            raise
-        return writer.commit()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
+        return _write_file(output, entries, metadata, fill)
+    with staged_directory(output) as staging:
         for item in target_path.iterdir():
             if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX_NAME:
                 shutil.copy2(item, staging / item.name)
-        writer = SafetensorsWriter(staging / WEIGHTS_NAME, entries, metadata)
-        try:
-            fill(writer)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.commit()
-        if output.exists():
-            retired = output.with_name(f".{output.name}.old-{os.getpid()}")
-            output.rename(retired)
-            staging.rename(output)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _write_file(staging / WEIGHTS_NAME, entries, metadata, fill)
     return output

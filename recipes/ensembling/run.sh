@@ -10,6 +10,7 @@
 # (all), FISHER_EXAMPLES (4096), OUT_DIR (outputs/ensembling), FORCE=1, EXTRA_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source recipes/lib.sh
 TASK=${TASK:-RTE}
 SEEDS=${SEEDS:-1 2 3 4 5}
 MODELS=${MODELS:-}
@@ -21,12 +22,7 @@ FISHER_EXAMPLES=${FISHER_EXAMPLES:-4096}
 OUT_DIR=${OUT_DIR:-outputs/ensembling}
 FORCE=${FORCE:-0}
 
-done_already() {
-  if [[ -f "$1" && "$FORCE" != 1 ]]; then echo "== $2: already done ($1), FORCE=1 to redo"; return 0; fi
-  echo "== $2"; return 1
-}
-NUM_LABELS=$(python -c "import sys; from lightning_merge.data.glue_tasks import get_glue_task, num_labels_for
-print(num_labels_for(get_glue_task(sys.argv[1]), True))" "$TASK")
+NUM_LABELS=$(num_labels "$TASK")
 
 paths=()
 if [[ -n "$MODELS" ]]; then

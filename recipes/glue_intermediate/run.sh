@@ -12,6 +12,7 @@
 # "--trainer.devices 4 --trainer.strategy ddp").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source recipes/lib.sh
 TARGET_TASK=${TARGET_TASK:-RTE}
 DONOR_TASK=${DONOR_TASK:-MNLI}
 DONOR_MODEL=${DONOR_MODEL-textattack/bert-base-uncased-MNLI}
@@ -22,14 +23,6 @@ GRID_POINTS=${GRID_POINTS:-50}
 FORCE=${FORCE:-0}
 HERE=recipes/glue_intermediate
 
-done_already() {
-  if [[ -f "$1" && "$FORCE" != 1 ]]; then echo "== $2: already done ($1), FORCE=1 to redo"; return 0; fi
-  echo "== $2"; return 1
-}
-num_labels() {
-  python -c "import sys; from lightning_merge.data.glue_tasks import get_glue_task, num_labels_for
-print(num_labels_for(get_glue_task(sys.argv[1]), True))" "$1"
-}
 finetune() {  # finetune ROLE TASK
   done_already "$OUT_DIR/$1/export/lightning_merge.json" "fine-tune $1 ($2)" && return
   lightning-merge fit --config configs/trainer/default.yaml --config configs/model/bert_base.yaml \

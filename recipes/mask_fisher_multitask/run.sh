@@ -13,6 +13,7 @@
 # OUT_DIR (outputs/mask_fisher_multitask), FORCE=1, EXTRA_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source recipes/lib.sh
 TASKS=${TASKS:-RTE SST-2}
 MODEL_CONFIG=${MODEL_CONFIG:-configs/model/minilm.yaml}
 DATA_DIR=${DATA_DIR:-../shared/data/glue}
@@ -22,14 +23,6 @@ FISHER_SIZES=${FISHER_SIZES:-128 2048 32768}
 OUT_DIR=${OUT_DIR:-outputs/mask_fisher_multitask}
 FORCE=${FORCE:-0}
 
-done_already() {
-  if [[ -f "$1" && "$FORCE" != 1 ]]; then echo "== $2: already done ($1), FORCE=1 to redo"; return 0; fi
-  echo "== $2"; return 1
-}
-num_labels() {
-  python -c "import sys; from lightning_merge.data.glue_tasks import get_glue_task, num_labels_for
-print(num_labels_for(get_glue_task(sys.argv[1]), True))" "$1"
-}
 
 for task in $TASKS; do
   done_already "$OUT_DIR/$task/export/lightning_merge.json" "fine-tune $task" && continue

@@ -12,16 +12,13 @@
 # stage, MERGE_ARGS to both merge stages (e.g. "--trainer.devices 2 --trainer.strategy ddp").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source recipes/lib.sh
 OUT_DIR=${OUT_DIR:-outputs/quickstart}
 FORCE=${FORCE:-0}
 EPOCHS_SCALE=${EPOCHS_SCALE:-1}
 BASE=(--config configs/data/digits.yaml --config configs/model/vit_tiny_digits.yaml)
 
 epochs() { python -c "import sys; print(max(1, round($1 * float(sys.argv[1]))))" "$EPOCHS_SCALE"; }
-done_already() {  # done_already FILE LABEL
-  if [[ -f "$1" && "$FORCE" != 1 ]]; then echo "== $2: already done ($1), FORCE=1 to redo"; return 0; fi
-  echo "== $2"; return 1
-}
 
 train() {  # train NAME EPOCHS [extra args...]
   local name=$1 n=$2; shift 2

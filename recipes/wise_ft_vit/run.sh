@@ -11,6 +11,7 @@
 # EXTRA_ARGS (every stage; e.g. "--trainer.devices 4 --trainer.strategy ddp").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source recipes/lib.sh
 VARIANT=${VARIANT:-hub}
 FISHER_EXAMPLES=${FISHER_EXAMPLES:-4096}
 FORCE=${FORCE:-0}
@@ -30,10 +31,6 @@ else
   TRAIN_SHIFT=none
 fi
 
-done_already() {
-  if [[ -f "$1" && "$FORCE" != 1 ]]; then echo "== $2: already done ($1), FORCE=1 to redo"; return 0; fi
-  echo "== $2"; return 1
-}
 
 if [[ "$VARIANT" == offline ]] && ! done_already "$START/lightning_merge.json" pretrain; then
   lightning-merge fit --config configs/data/digits.yaml --config configs/model/vit_tiny_digits.yaml \

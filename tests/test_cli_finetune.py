@@ -109,6 +109,9 @@ COMPOSITIONS = {
                                      "recipes/wise_ft_vit/finetune.yaml"]),
     "wise_ft_vit/wise_ft": ("validate", ["recipes/wise_ft_vit/wise_ft.yaml"]),
     "mask_fisher_multitask/merge": ("validate", ["recipes/mask_fisher_multitask/merge.yaml"]),
+    "domain_adaptation/finetune": ("fit", ["configs/trainer/default.yaml", "recipes/domain_adaptation/finetune.yaml"]),
+    "domain_adaptation/mlm_fisher": ("predict", ["recipes/domain_adaptation/mlm_fisher.yaml"]),
+    "domain_adaptation/merge": ("validate", ["recipes/domain_adaptation/merge.yaml"]),
 }
 
 

@@ -106,13 +106,13 @@ def to_canonical(raw: datasets.Dataset, task: GlueTask, source: str, *, stsb_buc
 
 
 def subsample(ds: datasets.Dataset, max_examples: int | None, seed: int) -> datasets.Dataset:
-    """The first ``max_examples`` of a seeded shuffle (all of them, shuffled, when ``None``)."""
-    ds = ds.shuffle(seed=seed)
-    if max_examples is not None and max_examples < len(ds):
-        ds = ds.select(range(max_examples))
-    elif max_examples is not None and max_examples > len(ds):
+    """The first ``max_examples`` of a seeded shuffle; all of them *in file order* when ``None`` (or
+    more than there are), so "the first 2048 validation examples" (paper §3.1.1) means what it says."""
+    if max_examples is not None and max_examples > len(ds):
         rank_zero_warn(f"Asked for {max_examples} examples but the split has {len(ds)}: using all {len(ds)}")
-    return ds
+    if max_examples is None or max_examples >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(max_examples))
 
 
 class GlueDataModule(pl.LightningDataModule):
@@ -206,6 +206,9 @@ class GlueDataModule(pl.LightningDataModule):
         if path is not None:
             raw, source = _read_file(path, self.task), str(path)
         elif self.data_dir is None and not any(self.files.values()):
+            if not self.task.hub_config:
+                raise ValueError(f"{self.task.name} is read from local files only: set data_dir (a folder with "
+                                 f"{self.task.local_dir}/{self.task.local_files[split][0]}) or {split}_file")
             raw = datasets.load_dataset(HUB_DATASET, self.task.hub_config, split=self.task.hub_splits[split])
             source = f"{HUB_DATASET}/{self.task.hub_config}:{split}"
         else:

@@ -1,5 +1,9 @@
 """What each GLUE task is: its text columns, labels, metrics and file names (hub and local).
 
+Beside GLUE, the classification tasks of the domain-adaptation experiment (NeurIPS paper §3.4, after
+Gururangan et al. 2020): ChemProt (biomed), ACL-ARC and SciERC (computer science), read from the
+``{train,dev,test}.jsonl`` files those authors released (``text`` and ``label`` fields).
+
 One table, :data:`GLUE_TASKS`, read by the data module, the metrics and the recipes, so a task's
 facts live in exactly one place. Column *aliases* let the same spec read the hub's columns and the
 columns of the TSV files as released (e.g. MNLI ``premise`` on the hub is ``sentence1`` in
@@ -42,6 +46,7 @@ class GlueTask:
 
 
 _TSV = {"train": ("train.tsv",), "validation": ("dev.tsv",), "test": ("test.tsv",)}
+_JSONL = {"train": ("train.jsonl",), "validation": ("dev.jsonl",), "test": ("test.jsonl",)}
 _HUB = {"train": "train", "validation": "validation", "test": "test"}
 
 GLUE_TASKS: dict[str, GlueTask] = {
@@ -85,11 +90,23 @@ GLUE_TASKS: dict[str, GlueTask] = {
                  ("entailment", "not_entailment"), ("accuracy",), "RTE", _TSV, _HUB),
         GlueTask("wnli", "wnli", (("sentence1",), ("sentence2",)), ("label",),
                  ("not_entailment", "entailment"), ("accuracy",), "WNLI", _TSV, _HUB),
+        # Domain adaptation (§3.4): local files only (hub_config ""); metrics as Gururangan et al. report.
+        GlueTask("chemprot", "", (("text",),), ("label",),
+                 ("INHIBITOR", "SUBSTRATE", "INDIRECT-DOWNREGULATOR", "INDIRECT-UPREGULATOR", "ACTIVATOR",
+                  "ANTAGONIST", "PRODUCT-OF", "AGONIST", "DOWNREGULATOR", "UPREGULATOR", "AGONIST-ACTIVATOR",
+                  "SUBSTRATE_PRODUCT-OF", "AGONIST-INHIBITOR"), ("micro_f1",), "chemprot", _JSONL),
+        GlueTask("acl_arc", "", (("text",),), ("label",),
+                 ("Background", "CompareOrContrast", "Extends", "Future", "Motivation", "Uses"), ("macro_f1",),
+                 "citation_intent", _JSONL),
+        GlueTask("scierc", "", (("text",),), ("label",),
+                 ("COMPARE", "CONJUNCTION", "EVALUATE-FOR", "FEATURE-OF", "HYPONYM-OF", "PART-OF", "USED-FOR"),
+                 ("macro_f1",), "sciie", _JSONL),
     ]
 }
 
 # Spellings (lower-case, without '-', '_' or spaces) that differ from the canonical name.
-_ALIASES = {"mnlim": "mnli", "mnlimatched": "mnli", "mnlimm": "mnlimismatched", "sts": "stsb", "sst": "sst2"}
+_ALIASES = {"mnlim": "mnli", "mnlimatched": "mnli", "mnlimm": "mnlimismatched", "sts": "stsb", "sst": "sst2",
+            "citationintent": "aclarc", "sciie": "scierc"}
 
 
 def get_glue_task(name: str) -> GlueTask:
@@ -99,7 +116,7 @@ def get_glue_task(name: str) -> GlueTask:
     for task in GLUE_TASKS.values():
         if task.name.replace("_", "") == key:
             return task
-    raise ValueError(f"Unknown GLUE task {name!r}; known tasks: {', '.join(GLUE_TASKS)}")
+    raise ValueError(f"Unknown task {name!r}; known tasks: {', '.join(GLUE_TASKS)}")
 
 
 def stsb_to_bucket(score: torch.Tensor | float, num_buckets: int = STSB_NUM_BUCKETS) -> torch.Tensor:

@@ -11,10 +11,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassMatthewsCorrCoef
+from torchmetrics.classification import (
+    BinaryF1Score,
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassMatthewsCorrCoef,
+)
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-CLASS_METRICS = ("accuracy", "f1", "matthews_corrcoef")
+CLASS_METRICS = ("accuracy", "f1", "matthews_corrcoef", "micro_f1", "macro_f1")
 SCORE_METRICS = ("pearson", "spearman")
 
 
@@ -23,6 +28,8 @@ def _make(name: str, num_labels: int):
         return MulticlassAccuracy(num_classes=num_labels, average="micro")
     if name == "f1":
         return BinaryF1Score()
+    if name in ("micro_f1", "macro_f1"):  # multi-class F1 (Gururangan et al.'s ChemProt / ACL-ARC, SciERC)
+        return MulticlassF1Score(num_classes=num_labels, average=name.split("_")[0])
     if name == "matthews_corrcoef":
         return MulticlassMatthewsCorrCoef(num_classes=num_labels)
     if name == "pearson":

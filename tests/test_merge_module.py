@@ -180,3 +180,13 @@ def test_two_processes_report_what_one_does(pair, glue_dir, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["results"] == one["results"] and two["search"] == one["search"]
+
+
+def test_an_unlabeled_test_split_is_refused(pair, glue_dir, tmp_path):
+    root, models = pair
+    test = tmp_path / "test.tsv"
+    test.write_text("index\tsentence1\tsentence2\n0\tthe cat sat\ta dog runs\n")  # GLUE test: no labels
+    data = GlueDataModule("rte", data_dir=str(glue_dir), test_file=str(test))
+    module = MergeModule([ModelSpec(str(models["rte"]), data=data), ModelSpec(str(models["mnli"]))])
+    with pytest.raises(ValueError, match="test split of rte has no labels"):
+        module.setup("test")

@@ -293,7 +293,11 @@ class GlueDataModule(pl.LightningDataModule):
             self.tokenizer = getattr(backbone, "tokenizer", None)
 
     def eval_size(self, set_index: int = 0, stage: str = "validate") -> int:
-        return len(self.splits[_EVAL_ROLES[stage]])
+        split = self.splits[_EVAL_ROLES[stage]]
+        if len(split) and max(split["labels"]) < 0:
+            raise ValueError(f"the {_EVAL_ROLES[stage]} split of {self.task.name} has no labels (GLUE's test sets "
+                             "are unlabeled): evaluate on validation")
+        return len(split)
 
     def eval_loader(self, indices: Sequence[int], set_index: int = 0, stage: str = "validate") -> DataLoader:
         """Examples at ``indices`` (positions in canonical order) of the evaluation set, batched by length;

@@ -123,6 +123,7 @@ def test_masked_lm_fisher_and_its_merge_with_a_classifier(tiny_bert, glue_dir, t
     text = tmp_path / "domain.txt"
     text.write_text("\n".join(SENTENCES * 3) + "\n")
     common = ["--trainer.inference_mode=false", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+              f"--trainer.default_root_dir={tmp_path}",
               "--model=lightning_merge.modules.FisherEstimationModule"]
     main(["predict", *common, "--model.backbone=lightning_merge.backbones.HFMaskedLM",
           f"--model.backbone.name_or_path={mlm}", f"--model.output={tmp_path / 'mlm.safetensors'}",
@@ -137,7 +138,8 @@ def test_masked_lm_fisher_and_its_merge_with_a_classifier(tiny_bert, glue_dir, t
     main(["predict", *common, "--model.backbone=lightning_merge.backbones.HFTextClassifier",
           f"--model.backbone.name_or_path={tiny_bert}", f"--model.output={tmp_path / 'cls.safetensors'}",
           "--data=lightning_merge.data.GlueDataModule", "--data.task=rte", f"--data.data_dir={glue_dir}"])
-    config = {"trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
+    config = {"trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                          "default_root_dir": str(tmp_path)},
               "model": {"class_path": "lightning_merge.modules.MergeModule", "init_args": {
                   "models": [{"path": str(tiny_bert), "fisher": str(tmp_path / "cls.safetensors"),
                               "data": {"class_path": "lightning_merge.data.GlueDataModule",

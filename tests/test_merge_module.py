@@ -30,7 +30,8 @@ def pair(tmp_path_factory, glue_dir):
     models = {"rte": write_tiny_bert(root / "rte", 2, seed=11), "mnli": write_tiny_bert(root / "mnli", 3, seed=12)}
     for task, path in models.items():
         main(["predict", "--trainer.inference_mode=false", "--trainer.logger=false",
-              "--trainer.enable_progress_bar=false", "--model=lightning_merge.modules.FisherEstimationModule",
+              "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
+              "--model=lightning_merge.modules.FisherEstimationModule",
               "--model.backbone=lightning_merge.backbones.HFTextClassifier", f"--model.backbone.name_or_path={path}",
               f"--model.output={root / task}.safetensors", f"--data={GLUE}", f"--data.task={task}",
               f"--data.data_dir={glue_dir}"])
@@ -39,7 +40,8 @@ def pair(tmp_path_factory, glue_dir):
 
 def run_merge(tmp_path, init_args, stage="validate"):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    config = {"trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
+    config = {"trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                          "default_root_dir": str(tmp_path)},
               "model": {"class_path": "lightning_merge.modules.MergeModule", "init_args": init_args}}
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -171,6 +173,7 @@ def test_two_processes_report_what_one_does(pair, glue_dir, tmp_path):
             "select_examples": 5}
     one = run_merge(tmp_path / "one", {**args, "output_dir": str(tmp_path / "one" / "out")})
     config = {"trainer": {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "logger": False,
+                          "default_root_dir": str(tmp_path),
                           "enable_progress_bar": False},
               "model": {"class_path": "lightning_merge.modules.MergeModule",
                         "init_args": {**args, "output_dir": str(tmp_path / "two")}}}

@@ -277,7 +277,7 @@ class MergeModule(pl.LightningModule):
         loaders = []
         for _, (i, s, part) in self.loader_units:
             select, heldout, others = self.splits[i]
-            indices = {SELECT: select, HELDOUT: heldout}.get(part) or others[s - 1]
+            indices = select if part == SELECT else heldout if part == HELDOUT else others[s - 1]
             loaders.append(self.specs[i].data.eval_loader(indices, s, self.stage))
         return loaders
 

@@ -48,7 +48,7 @@ if ! done_already "$OUT_DIR/results.json" "merge"; then
   MODELS="[{path: classifier/export, fisher: fisher/classifier.safetensors, data: {class_path: lightning_merge.data.GlueDataModule,
            init_args: {task: $TASK, data_dir: $(realpath "$DATA_DIR"), max_length: 256}}},
           {path: $DAPT_MODEL, fisher: fisher/dapt.safetensors, family: hf_mlm, allow_missing: true}]"
-  lightning-merge validate --config "$HERE/merge.yaml" --model.init_args.root_dir "$OUT_DIR" \
+  lightning-merge validate --config "$HERE/merge.yaml" --model.init_args.root_dir "$OUT_DIR" --trainer.default_root_dir "$OUT_DIR" \
     --model.init_args.models "$MODELS" --model.init_args.search.init_args.points "$GRID_POINTS" ${EXTRA_ARGS:-}
 fi
 cat "$OUT_DIR/results.csv"

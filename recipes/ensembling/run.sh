@@ -57,6 +57,7 @@ for i in "${!paths[@]}"; do
 done
 if ! done_already "$OUT_DIR/results.json" "merge ${#paths[@]} models, λ = 1/${#paths[@]}"; then
   lightning-merge validate --config recipes/ensembling/merge.yaml --model.init_args.root_dir "$OUT_DIR" \
+    --trainer.default_root_dir "$OUT_DIR" \
     --model.init_args.models "[${specs%,}]" ${EXTRA_ARGS:-}
 fi
 cat "$OUT_DIR/results.csv"

@@ -64,6 +64,7 @@ for n in $FISHER_SIZES; do
       a=${tasks[$i]} b=${tasks[$j]} dir="pairs/$n/${tasks[$i]}+${tasks[$j]}"
       done_already "$OUT_DIR/$dir/results.json" "merge $a + $b ($n Fisher examples)" && continue
       lightning-merge validate --config recipes/mask_fisher_multitask/merge.yaml --model.init_args.root_dir "$OUT_DIR" \
+        --trainer.default_root_dir "$OUT_DIR/$dir" \
         --model.init_args.models "[$(spec "$a" "$n"), $(spec "$b" "$n")]" --model.init_args.output_dir "$dir" \
         ${EXTRA_ARGS:-}
     done

@@ -40,6 +40,7 @@ fisher() {  # fisher MODEL KIND SHIFT
 merge() {  # merge NAME
   done_already "$OUT_DIR/$1/results.json" "$1" && return
   lightning-merge validate --config "recipes/quickstart/$1.yaml" --model.init_args.root_dir "$OUT_DIR" \
+    --trainer.default_root_dir "$OUT_DIR/$1" \
     ${MERGE_ARGS:-}
 }
 

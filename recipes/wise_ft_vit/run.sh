@@ -63,7 +63,7 @@ if ! done_already "$OUT_DIR/results.json" wise_ft; then
   MODELS="[{path: finetune/export, fisher: fisher/finetune.safetensors, task: images, name: iid,
             data: {class_path: lightning_merge.data.ImageDataModule, init_args: $EVAL_DATA}},
            {path: linear_probe/export, fisher: fisher/linear_probe.safetensors, task: images}]"
-  lightning-merge validate --config "$HERE/wise_ft.yaml" --model.init_args.root_dir "$OUT_DIR" \
+  lightning-merge validate --config "$HERE/wise_ft.yaml" --model.init_args.root_dir "$OUT_DIR" --trainer.default_root_dir "$OUT_DIR" \
     --model.init_args.models "$MODELS" ${EXTRA_ARGS:-}
 fi
 cat "$OUT_DIR/results.csv"

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,22 +116,16 @@ def merge_benchmarks(repeats: int) -> dict:
             "streamed_rss_over_model": beyond_mb / (model_bytes / 2**20)}
 
 
-class LoopTimer:
+class LoopTimer(Callback):
     """Seconds spent inside the evaluation loop (set-up such as loading models is not counted)."""
 
-    def __new__(cls):
-        from lightning.pytorch import Callback
+    seconds = 0.0
 
-        class _Timer(Callback):
-            seconds = 0.0
+    def on_validation_start(self, trainer, module):
+        self._start = time.perf_counter()
 
-            def on_validation_start(self, trainer, module):
-                self._start = time.perf_counter()
-
-            def on_validation_end(self, trainer, module):
-                self.seconds = time.perf_counter() - self._start
-
-        return _Timer()
+    def on_validation_end(self, trainer, module):
+        self.seconds = time.perf_counter() - self._start
 
 
 def search_benchmark(data_dir: str, grid: int, select: int) -> dict:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from lightning_merge.atomic import staged_file
 
 
 def normalized_scores(results: dict) -> dict[str, float]:
@@ -63,14 +66,14 @@ def main(argv: list[str] | None = None) -> None:
         for row in rows:
             spent = seconds.get((row["group"], kind_of.get(row["method"], "")))
             row["fisher_seconds_per_model"] = statistics.mean(spent) if spent else ""
-    writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
+    sys.stdout.write(table.getvalue())
     if args.out:
-        with args.out.open("w") as f:
-            out = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-            out.writeheader()
-            out.writerows(rows)
+        with staged_file(args.out) as tmp:
+            tmp.write_text(table.getvalue())
 
 
 if __name__ == "__main__":

@@ -9,19 +9,16 @@ computed where no gradient is wanted.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoModelForMaskedLM
 
-from lightning_merge.backbones.base import Backbone
-from lightning_merge.backbones.hf_text import resolve_model_location
+from lightning_merge.backbones.hf_text import HFBackbone, resolve_model_location, text_inputs
 
 MASKED_POSITIONS = "masked_positions"  # (B, M) positions of the masked tokens, -1 where unused
 IGNORE = -100
 
 
-class HFMaskedLM(Backbone):
+class HFMaskedLM(HFBackbone):
     """A masked language model from the hub, a local ``save_pretrained`` folder or ``pkg:``.
 
     The task head is the LM head (everything outside the encoder); its decoder is usually tied to the
@@ -35,11 +32,8 @@ class HFMaskedLM(Backbone):
         super().__init__()
         self.name_or_path = name_or_path
         self.model = AutoModelForMaskedLM.from_pretrained(resolve_model_location(name_or_path))
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(tokenizer or name_or_path))
-        prefix = self.model.base_model_prefix
-        self.head_prefixes = tuple(sorted({n.split(".")[0] + "." for n, _ in self.model.named_parameters()
-                                           if not n.startswith(prefix + ".")}))
-        heads = [m for n, m in self.model.named_children() if n != prefix]
+        self._attach_tokenizer_and_head(tokenizer)
+        heads = [m for n, m in self.model.named_children() if n != self.model.base_model_prefix]
         if len(heads) != 1:
             raise NotImplementedError(f"{type(self.model).__name__}: expected one LM head beside the encoder")
         self.lm_head = heads[0]
@@ -49,13 +43,8 @@ class HFMaskedLM(Backbone):
         return self.model.get_output_embeddings().out_features
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        hidden = self.model.base_model(**inputs)[0]  # (B, T, H)
+        hidden = self.model.base_model(**text_inputs(batch))[0]  # (B, T, H)
         positions = batch[MASKED_POSITIONS]
         gathered = hidden.gather(1, positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return self.lm_head(gathered)  # (B, M, V)
 
-    def _export_files(self, directory: Path) -> dict:
-        self.model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
-        return {"source": self.name_or_path}

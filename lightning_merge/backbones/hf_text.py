@@ -29,7 +29,31 @@ def resolve_model_location(name_or_path: str) -> str:
     return str(location)
 
 
-class HFTextClassifier(Backbone):
+def text_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of a batch a Hugging Face encoder takes (labels, indices and masks stay out)."""
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+class HFBackbone(Backbone):
+    """What every Hugging Face family shares: tokenizer, task head = everything outside the encoder
+    (e.g. BERT's ``classifier``, RoBERTa's ``classifier.dense`` + ``classifier.out_proj``, a masked LM's
+    ``cls`` / ``lm_head``), and ``save_pretrained`` exports. Subclasses set ``name_or_path`` and ``model``."""
+
+    name_or_path: str
+
+    def _attach_tokenizer_and_head(self, tokenizer: str | None) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(tokenizer or self.name_or_path))
+        prefix = self.model.base_model_prefix
+        self.head_prefixes = tuple(sorted({n.split(".")[0] + "." for n, _ in self.model.named_parameters()
+                                           if not n.startswith(prefix + ".")}))
+
+    def _export_files(self, directory: Path) -> dict:
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        return {"source": self.name_or_path}
+
+
+class HFTextClassifier(HFBackbone):
     """A sequence classifier from the hub or a local ``save_pretrained`` directory.
 
     Args:
@@ -59,21 +83,14 @@ class HFTextClassifier(Backbone):
                 f"num_labels={num_labels}; use a checkpoint fine-tuned for this task, or set "
                 f"reinit_head: true to train a new head"
             ) from err
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(tokenizer or name_or_path))
-        prefix = self.model.base_model_prefix
-        # Everything outside the shared encoder (e.g. BERT's `classifier`, RoBERTa's
-        # `classifier.dense` + `classifier.out_proj`) belongs to the task.
-        self.head_prefixes = tuple(
-            n.split(".")[0] + "." for n, _ in self.model.named_parameters() if not n.startswith(prefix + ".")
-        )
+        self._attach_tokenizer_and_head(tokenizer)
 
     @property
     def num_labels(self) -> int:
         return self.model.config.num_labels
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        return self.model(**inputs).logits
+        return self.model(**text_inputs(batch)).logits
 
     def mask_sites(self) -> list[MaskSite]:
         """BERT-family layout (BERT, RoBERTa, ...): heads on ``attention.self``'s output, FFN units on
@@ -97,7 +114,3 @@ class HFTextClassifier(Backbone):
                                   gated=f"{base}.intermediate.dense", out=f"{base}.output.dense"))
         return sites
 
-    def _export_files(self, directory: Path) -> dict:
-        self.model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
-        return {"source": self.name_or_path}

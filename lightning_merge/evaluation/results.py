@@ -7,21 +7,16 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
+
+from lightning_merge.atomic import staged_file
 
 MAIN_COLUMNS = ("method", "coefficients", "selection_score", "heldout_score", "full_score")
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _coefficients(value) -> str:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from lightning_merge.atomic import staged_file
 
 REQUIRED_METADATA = ("num_examples", "variant")
 
@@ -24,17 +25,10 @@ def save_fisher(path: str | os.PathLike, fisher: dict[str, torch.Tensor], metada
     for name, value in fisher.items():
         if not torch.isfinite(value).all() or (value < 0).any():
             raise ValueError(f"Fisher entry {name!r} has NaN, Inf or negative values; not writing {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in fisher.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with staged_file(path) as tmp:
         save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

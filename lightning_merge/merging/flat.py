@@ -38,16 +38,18 @@ class FlatLayout:
 class FlatMerger:
     """``method`` bound to M models' flat parameter buffers ``thetas`` (laid out by ``layout``);
     ``merger(λ)`` returns the merged tensors as views of one output buffer, overwritten by the next call.
-    Several methods can share the same ``thetas``."""
+    Several methods can share the same ``thetas`` and, when their results are used one at a time, the
+    same ``out`` buffer."""
 
     def __init__(self, method: MergeMethod, thetas: Sequence[torch.Tensor], layout: FlatLayout,
-                 weights: Sequence[Mapping[str, torch.Tensor]] | None = None, target: int = 0) -> None:
+                 weights: Sequence[Mapping[str, torch.Tensor]] | None = None, target: int = 0,
+                 out: torch.Tensor | None = None) -> None:
         if method.fisher_field is not None and weights is None:
             raise ValueError(f"{method.name} needs per-model Fishers")
         self.method, self.target, self.layout, self.thetas = method, target, layout, list(thetas)
         self.weights = None if method.fisher_field is None else [layout.flatten(w) for w in weights]
         self.scales = method.scales(weights) if self.weights is not None else None
-        self.out = torch.empty(layout.numel, dtype=torch.float32)
+        self.out = torch.empty(layout.numel, dtype=torch.float32) if out is None else out
 
     @classmethod
     def from_states(cls, method: MergeMethod, states: Sequence[Mapping[str, torch.Tensor]],

@@ -8,7 +8,8 @@
   model's value (``fallback="target"``) or to the isotropic average (``fallback="isotropic"``).
 
 Both formulas work through the tensors in chunks that fit in cache, so the temporaries of eq. 4 never
-travel to main memory: the merge costs about one read of the inputs and one write of the output.
+travel to main memory (``benchmarks/merge_speed.py``: 1.9–2.3× the time of one read of the inputs and
+one write of the output, for two 110M-parameter models).
 Only plain element-wise ops are used (no fused multiply-add), so the result of every element is the
 same whatever the chunking: a merge streamed from files equals one done in memory, bit for bit.
 """

@@ -178,26 +178,29 @@ def merge_safetensors(models: Sequence[str | os.PathLike], coefficients: Sequenc
     if not 0 <= target < len(models):
         raise ValueError(f"target index {target} out of range for {len(models)} models")
     lam = normalize_coefficients(coefficients, len(models))
-    inputs = [Checkpoint(m) for m in models]
+    inputs: list[Checkpoint] = []
+    weight_source: list[_FisherSource] = []
     try:
+        for m in models:  # appended one by one, so the finally closes whatever was opened
+            inputs.append(Checkpoint(m))
         names = inputs[target].keys()
         merged = [n for n in names if not n.startswith(tuple(keep))]
         _check_same_architecture(inputs, merged, target)
         shapes = {n: inputs[target].shape(n) for n in merged}
-        weight_source = None
         if method.fisher_field is not None:
-            weight_source = [_FisherSource(f, shapes, f"model {i}", getattr(method, "mask_rule", "paper"))
-                             for i, f in enumerate(fishers)]
-        scales = _streamed_scales(method, weight_source, merged, chunk_elements)
+            for i, f in enumerate(fishers):
+                weight_source.append(_FisherSource(f, shapes, f"model {i}", getattr(method, "mask_rule", "paper")))
+        sources = weight_source or None
+        scales = _streamed_scales(method, sources, merged, chunk_elements)
         entries = {n: (inputs[target].dtype(n), inputs[target].shape(n)) for n in names}
         metadata = {**inputs[target].files[0].metadata, "merge_method": method.name,
                     "merge_coefficients": json.dumps(lam.tolist()),
                     "merge_sources": json.dumps([str(m) for m in models])}
         return _write_output(Path(models[target]), Path(output), entries, metadata, lambda writer: _merge_into(
-            writer, inputs, weight_source, method, lam, scales, names, set(merged), target, chunk_elements))
+            writer, inputs, sources, method, lam, scales, names, set(merged), target, chunk_elements))
     finally:
-        for checkpoint in inputs:
-            checkpoint.close()
+        for opened in (*inputs, *weight_source):
+            opened.close()
 
 
 def _check_same_architecture(inputs: list[Checkpoint], names: list[str], target: int) -> None:
@@ -224,6 +227,7 @@ class _FisherSource:
             layout = metadata["mask_layout"]
             masks = {n: self.file.read_tensor(n) for n in layout}
             self._expand = lambda name: expand_mask_fisher(masks, layout, {name: shapes[name]}, mask_rule)[name]
+            self._expanded: tuple[str | None, torch.Tensor | None] = (None, None)  # the tensor being merged
             return
         missing = [n for n in shapes if n not in self.file.entries]
         if missing:
@@ -234,9 +238,18 @@ class _FisherSource:
                              f"the parameter {tuple(shapes[wrong[0]])}")
 
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
-        values = self._expand(name).reshape(-1)[start:stop] if self.mask else self.file.read(name, start, stop)
-        check_fisher({name: values}, [name], {name: values.shape}, f"{self.label} ({self.path})")
-        return values
+        if not self.mask:
+            values = self.file.read(name, start, stop)
+            check_fisher({name: values}, [name], {name: values.shape}, f"{self.label} ({self.path})")
+            return values
+        if self._expanded[0] != name:  # expanded (and checked) once per tensor, not once per slice
+            expanded = self._expand(name).reshape(-1)
+            check_fisher({name: expanded}, [name], {name: expanded.shape}, f"{self.label} ({self.path})")
+            self._expanded = (name, expanded)
+        return self._expanded[1][start:stop]
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _slices(numel: int, chunk: int):

@@ -172,7 +172,18 @@ class MergeModule(pl.LightningModule):
             self._setup_data(i, stage)
         self._setup_merge()
         self._plan()
+        self._release_unused_models()
         self._prepared = True
+
+    def _release_unused_models(self) -> None:
+        """Once flattened, a model that is neither evaluated nor an ensemble member is only needed as
+        a row of ``self.thetas``: drop its module so it is not kept (or moved to the device) twice."""
+        ensembled = any(c.method == ENSEMBLE for c in self.candidates)
+        needed = {j for i in self.evaluated for j in range(len(self.specs))
+                  if j == i or (ensembled and self.tasks[j] == self.tasks[i])}
+        for j in range(len(self.specs)):
+            if j not in needed:
+                self.backbones[j] = nn.Identity()
 
     def _names(self) -> list[str]:
         names = []
@@ -204,13 +215,16 @@ class MergeModule(pl.LightningModule):
         shapes = {n: states[self.target][n].shape for n in names}
         self.layout = FlatLayout(shapes)
         self.thetas = [self.layout.flatten(s) for s in states]
+        # One output buffer for all methods: candidates are merged (and copied out) one at a time.
+        self.merged = torch.empty(self.layout.numel, dtype=torch.float32)
         self.mergers = {}
         for method in self.methods:
             weights = None
             if method.fisher_field is not None:
                 weights = [method.load_weights(getattr(s, method.fisher_field), shapes, f"model {i}")
                            for i, s in enumerate(self.specs)]
-            self.mergers[method.name] = FlatMerger(method, self.thetas, self.layout, weights, self.target)
+            self.mergers[method.name] = FlatMerger(method, self.thetas, self.layout, weights, self.target,
+                                                   out=self.merged)
         rank_zero_info(f"Merging {len(names)} tensors ({self.layout.numel / 1e6:.1f}M values) of {len(self.specs)} "
                        f"models with {[m.name for m in self.methods]}"
                        f"{'' if shared_task else '; each task keeps its own head'}")
@@ -268,10 +282,18 @@ class MergeModule(pl.LightningModule):
             for method in self.methods:
                 self.candidates.append(_Candidate(method.name, None, rest, resolved_from=method.name))
         self.loader_units = [(c, unit) for c, cand in enumerate(self.candidates) for unit in cand.units]
-        self.outputs: dict[tuple[int, int, int, str], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self._loaded: dict[int, int | str] = {}
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """Forget one evaluation run's outputs and decisions (a module can be validated more than once)."""
+        self.outputs: dict[tuple[int, int, int, str], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self._collected: dict = {}  # gathered outputs; final once gathered, so cached for the run
+        self._selection_scores: dict[int, float] = {}
         self.merge_seconds = 0.0  # time spent merging inside the evaluation loop (reported in the facts)
-        self._collected: dict = {}
+        for candidate in self.candidates:
+            if candidate.resolved_from is not None:
+                candidate.coefficients = None
 
     def _loaders(self):
         loaders = []
@@ -288,14 +310,16 @@ class MergeModule(pl.LightningModule):
 
     # -- evaluation ------------------------------------------------------------------------------
     def on_validation_start(self) -> None:
+        self._new_run()
         self._to_device()
 
     on_test_start = on_validation_start
 
     def _to_device(self) -> None:
         self.thetas = [t.to(self.device) for t in self.thetas]
+        self.merged = self.merged.to(self.device)
         for merger in self.mergers.values():
-            merger.thetas = self.thetas
+            merger.thetas, merger.out = self.thetas, self.merged  # shared: moved once, not per method
             merger.to(self.device)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -366,7 +390,10 @@ class MergeModule(pl.LightningModule):
         return {k: float(v) for k, v in metrics.compute().items()}
 
     def _selection_score(self, c: int) -> float:
-        return sum(self._metrics(i, 0, [(c, SELECT)])["score"] for i in self.evaluated) / len(self.evaluated)
+        if c not in self._selection_scores:  # asked for again by _best, the search table and the rows
+            self._selection_scores[c] = sum(self._metrics(i, 0, [(c, SELECT)])["score"]
+                                            for i in self.evaluated) / len(self.evaluated)
+        return self._selection_scores[c]
 
     def _best(self, method: str) -> int:
         """The candidate of ``method`` with the highest selection score (the first one on ties)."""
@@ -411,7 +438,6 @@ class MergeModule(pl.LightningModule):
         return search, rows
 
     def _finish(self) -> None:
-        self._collected = {}
         search, rows = self._results()
         if self.logger is not None:
             # Straight to the logger: `self.log` at epoch end would be repeated for each of the

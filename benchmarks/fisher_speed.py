@@ -1,6 +1,13 @@
 """Fisher throughput vs training throughput on the real all-MiniLM-L6-v2 (seq len 128), side by side.
 
-    python benchmarks/fisher_speed.py [--num-classes 3] [--batch-size 16] [--batches 5] [--json out.json]
+    python benchmarks/fisher_speed.py [--num-classes 3] [--batch-size 16] [--batches 5] [--full-length]
+                                      [--json out.json]
+
+Inputs: RTE training pairs truncated or padded to 128 tokens, the same batches for every method; about
+half of their positions are padding, which every method computes through. The exact engine's
+per-example products skip token rows whose output gradient is exactly zero (padding, and in the last
+layer every position but [CLS]); ``--full-length`` fills every position with real tokens, so that
+only the [CLS] saving is left.
 
 Timing: every method runs in one process, round-robin batch by batch (the order rotates each round),
 so drift of a noisy machine hits all methods alike; the figure is the median over ``--batches`` timed
@@ -34,11 +41,15 @@ RTE = ROOT.parent / "shared/data/glue/RTE/train.tsv"
 METHODS = ("train", "train_eval", "exact", "sampled", "mask", "loop")
 
 
-def make_batches(tokenizer, batch_size: int, count: int, seq_len: int, num_classes: int):
+def make_batches(tokenizer, batch_size: int, count: int, seq_len: int, num_classes: int,
+                 full_length: bool = False):
+    """RTE pairs truncated or padded to ``seq_len`` (about half of the positions are padding), or with
+    ``full_length`` premises joined four at a time so that every position holds a real token."""
     if RTE.is_file():
         with RTE.open() as f:
             rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-        pairs = [(r[1], r[2]) for r in rows]
+        pairs = [(" ".join(r[1] for r in rows[i:i + 4]) if full_length else rows[i][1], rows[i][2])
+                 for i in range(len(rows))]
     else:
         pairs = [("the quick brown fox " * 20, "jumps over the lazy dog " * 20)] * (batch_size * count)
     batches = []
@@ -127,9 +138,9 @@ def exact_max_rel_err(backbone, batch, num_classes: int) -> float:
                for n, ref in slow.items() if ref.abs().max() > 1e-6 * scale)
 
 
-def peak_rss_of(method: str, num_classes: int, batch_size: int, seq_len: int) -> float:
+def peak_rss_of(method: str, num_classes: int, batch_size: int, seq_len: int, full_length: bool) -> float:
     backbone = load(num_classes)
-    batch = make_batches(backbone.tokenizer, batch_size, 1, seq_len, num_classes)[0]
+    batch = make_batches(backbone.tokenizer, batch_size, 1, seq_len, num_classes, full_length)[0]
     start, step, stop = method_hooks(method, backbone, num_classes)
     start()
     step(batch)
@@ -143,21 +154,26 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--full-length", action="store_true",
+                        help="no padding: every example fills all seq-len positions")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--rss-of", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_of:
-        print(peak_rss_of(args.rss_of, args.num_classes, args.batch_size, args.seq_len))
+        print(peak_rss_of(args.rss_of, args.num_classes, args.batch_size, args.seq_len, args.full_length))
         return
 
     rss = {}
     for method in METHODS:
         cmd = [sys.executable, __file__, "--rss-of", method, "--num-classes", str(args.num_classes),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
+        cmd += ["--full-length"] if args.full_length else []
         rss[method] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
 
     backbone = load(args.num_classes)
-    batches = make_batches(backbone.tokenizer, args.batch_size, args.batches + 1, args.seq_len, args.num_classes)
+    batches = make_batches(backbone.tokenizer, args.batch_size, args.batches + 1, args.seq_len, args.num_classes,
+                           args.full_length)
+    real_tokens = torch.cat([b["attention_mask"] for b in batches]).float().mean().item()
     hooks = {m: method_hooks(m, backbone, args.num_classes) for m in METHODS}
     times: dict[str, list[float]] = {m: [] for m in METHODS}
     for round_index, batch in enumerate(batches):
@@ -176,7 +192,8 @@ def main() -> None:
 
     train = speed["train"]
     print(f"MiniLM-L6 (22M), seq {args.seq_len}, batch {args.batch_size}, C={args.num_classes}, "
-          f"{torch.get_num_threads()} threads, median of {args.batches} interleaved rounds")
+          f"{torch.get_num_threads()} threads, median of {args.batches} interleaved rounds, "
+          f"{real_tokens:.0%} of positions are real tokens (all methods get the same padded batches)")
     print(f"{'method':<12}{'ex/s':>8}{'x train':>10}{'x train_eval':>14}{'peak RSS MB':>14}")
     for m in METHODS:
         print(f"{m:<12}{speed[m]:>8.1f}{speed[m] / train:>10.2f}{speed[m] / speed['train_eval']:>14.2f}"
@@ -188,6 +205,7 @@ def main() -> None:
           f"(>= 0.9)   exact RSS/train RSS {rss['exact'] / rss['train']:.2f} (<= 2)   exact max rel err {error:.1e}")
     summary = {
         "num_classes": args.num_classes,
+        "real_token_fraction": real_tokens,
         "train_ex_per_s": train,
         "train_eval_mode_ex_per_s": speed["train_eval"],
         **{f"{m}_ex_per_s": speed[m] for m in ("exact", "sampled", "mask", "loop")},

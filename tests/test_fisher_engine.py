@@ -5,6 +5,7 @@ import torch
 
 from lightning_merge.backbones import HFTextClassifier, TimmViT
 from lightning_merge.fisher.directions import exact_directions, logit_directions, sampled_directions
+from lightning_merge.fisher import per_example, zero_rows
 from lightning_merge.fisher.per_example import PerExampleSquaredGradients
 from lightning_merge.fisher.reference import reference_fisher_sums
 from tests.fixtures import SENTENCES, TINY_VIT, write_tiny_bert
@@ -42,6 +43,20 @@ def bert_batch(backbone, n=5):
     return batch
 
 
+def ragged_batch(backbone):
+    """Four examples: one twice as long as the others, which are mostly padding."""
+    batch = bert_batch(backbone, n=4)
+    long_text = backbone.tokenizer(" ".join(SENTENCES), return_tensors="pt", padding="max_length",
+                                   max_length=batch["input_ids"].shape[1] * 2, truncation=True)
+    width = long_text["input_ids"].shape[1]
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        padded = torch.zeros(4, width, dtype=batch[key].dtype)
+        padded[:, :batch[key].shape[1]] = batch[key]
+        padded[0] = long_text[key][0]
+        batch[key] = padded
+    return batch
+
+
 def slice_batch(batch, i):
     return {k: v[i:i + 1] for k, v in batch.items()}
 
@@ -75,6 +90,29 @@ def test_vit_exact_fisher_matches_per_example_loop(num_classes):
     fast = fast_sums(backbone, batch, "exact")
     assert {"pos_embed", "cls_token", "patch_embed.proj.weight"} <= set(fast)
     assert_matches(fast, slow)
+
+
+@pytest.mark.parametrize("skip_rows_below", [0.0, 2.0])
+def test_skipping_zero_gradient_rows_changes_nothing(tmp_path, monkeypatch, skip_rows_below):
+    """Per-example products over only the rows where the output gradient is non-zero (padding, and
+    every position but [CLS] in the last layer) against the batched product over all rows: both match
+    the loop, and the skipping path really ran on short prefixes."""
+    backbone = HFTextClassifier(str(write_tiny_bert(tmp_path, num_labels=3))).eval().double()
+    batch = ragged_batch(backbone)
+    width = batch["input_ids"].shape[1]
+    seen = []
+    monkeypatch.setattr(zero_rows, "SKIP_ROWS_BELOW", skip_rows_below)
+    monkeypatch.setattr(per_example, "active_prefix_lengths",
+                        lambda g: seen.append(zero_rows.active_prefix_lengths(g)) or seen[-1])
+    slow = reference_fisher_sums(backbone.model, lambda i: backbone(slice_batch(batch, i)), 4)
+    assert_matches(fast_sums(backbone, batch, "exact"), slow)
+    if skip_rows_below == 0.0:
+        assert all(lengths is None for lengths in seen)
+    else:
+        per_token = [lengths for lengths in seen if lengths is not None]  # pooler, classifier: one row
+        assert len(per_token) == 2 * 2 * 6  # 2 directions × 2 blocks × 6 token-wise linear layers
+        assert min(min(lengths) for lengths in per_token) == 1  # the last layer: [CLS] only
+        assert any(lengths[0] == width and max(lengths[1:]) <= width // 2 for lengths in per_token)  # padding
 
 
 def test_squaring_a_batch_gradient_is_caught(tmp_path):

@@ -7,9 +7,10 @@ from lightning_merge.backbones import HFTextClassifier, TimmViT
 from lightning_merge.cli import main
 from lightning_merge.data import GlueDataModule
 from lightning_merge.fisher import load_fisher, read_fisher_metadata
-from lightning_merge.fisher.masks import MaskHooks, expand_mask_fisher
+from lightning_merge.fisher import logit_directions, zero_rows
+from lightning_merge.fisher.masks import MaskFisherEngine, MaskHooks, expand_mask_fisher
 from tests.fixtures import TINY_VIT
-from tests.test_fisher_engine import bert_batch, slice_batch
+from tests.test_fisher_engine import bert_batch, ragged_batch, slice_batch
 from tests.test_fisher_module import N, fisher_config
 
 
@@ -66,6 +67,25 @@ def test_mask_fisher_from_predict_equals_autograd_on_explicit_masks(tiny_bert3, 
     fast = load_fisher(output)
     for name, ref in reference.items():
         torch.testing.assert_close(fast[name].double(), ref, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("skip_rows_below", [0.0, 2.0])
+def test_mask_fisher_engine_with_and_without_skipping_zero_rows(tiny_bert3, monkeypatch, skip_rows_below):
+    """Input gradients computed on non-zero rows only (padding, [CLS] in the last layer) or on all."""
+    monkeypatch.setattr(zero_rows, "SKIP_ROWS_BELOW", skip_rows_below)
+    backbone = HFTextClassifier(str(tiny_bert3)).eval().double()
+    batch = ragged_batch(backbone)
+    engine = MaskFisherEngine(backbone.model, backbone.mask_sites())
+    routed = [m for m in backbone.model.modules() if "forward" in vars(m)]
+    assert len(routed) == 2 * 6 + 2  # every linear layer: 2 blocks × 6, pooler, classifier
+    with engine.capture(4):
+        logits = backbone(batch)
+        engine.accumulate(logits, logit_directions(logits, "exact"))
+    engine.detach()
+    assert not any("forward" in vars(m) for m in backbone.model.modules())
+    reference = reference_mask_fisher(backbone, batch, 4)
+    for name, ref in reference.items():
+        torch.testing.assert_close(engine.sums[name].double() / 4, ref, rtol=1e-6, atol=1e-14)
 
 
 def test_expansion_rules_by_hand(tiny_bert3):

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lightning_merge.fisher.zero_rows import skip_zero_rows_in_linears
+
 HEADS, FFN = "heads", "ffn"
 PAPER, RELEASED = "paper", "released"
 
@@ -115,6 +117,7 @@ class MaskFisherEngine:
         for p in self._frozen:
             p.requires_grad_(False)
         self._device = device
+        self._restore_linears = skip_zero_rows_in_linears(model)
         self.hooks.install()
 
     @contextmanager
@@ -134,6 +137,7 @@ class MaskFisherEngine:
 
     def detach(self) -> None:
         self.hooks.remove()
+        self._restore_linears()
         for p in self._frozen:
             p.requires_grad_(True)
 

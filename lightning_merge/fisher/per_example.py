@@ -6,7 +6,8 @@ batch-summed loss is a different, wrong quantity. Looping over examples is exact
 output; parameters are frozen (so autograd skips the weight-gradient GEMMs); ``autograd.grad`` is
 taken with respect to the layer *outputs*; each example's parameter gradient is then rebuilt:
 
-* ``nn.Linear``: ``G_b = Σ_t g_bt ⊗ x_bt`` (an ``einsum``), bias ``Σ_t g_bt``;
+* ``nn.Linear``: ``G_b = Σ_t g_bt ⊗ x_bt`` (one batched product, or on CPU one product per example
+  over the rows where ``g_b`` is not zero: :mod:`~lightning_merge.fisher.zero_rows`), bias ``Σ_t g_bt``;
 * ``nn.LayerNorm``: ``Σ_t g_bt ⊙ x̂_bt`` with ``x̂`` the normalized input, bias ``Σ_t g_bt``;
 * ``nn.Embedding``: an ``index_add`` per (example, token id) pair;
 * ``nn.Conv2d`` patch embeddings (stride = kernel): a Linear over unfolded patches;
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lightning_merge.fisher.zero_rows import active_prefix_lengths, skip_zero_rows_in_linears
 
 
 class _Site:
@@ -90,12 +93,21 @@ def _add_bias(params: dict[str, str], g: torch.Tensor, sums: dict[str, torch.Ten
 class _LinearSite(_Site):
     def accumulate(self, grad, sums):
         x, g = self.input, grad
-        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        x = x.reshape(x.shape[0], -1, x.shape[-1]).to(g.dtype)
         g = g.reshape(g.shape[0], -1, g.shape[-1])
         if "weight" in self.params:  # else a tie accumulates it (see _TiedEmbeddingLinear)
-            per_example = self.workspace.get((g.shape[0], g.shape[-1], x.shape[-1]), g)
-            torch.bmm(g.transpose(1, 2), x.to(g.dtype), out=per_example)  # G_b = Σ_t g_bt x_btᵀ
-            sums[self.params["weight"]].add_(per_example.square_().sum(0))
+            target = sums[self.params["weight"]]
+            lengths = active_prefix_lengths(g)
+            if lengths is None:
+                per_example = self.workspace.get((g.shape[0], g.shape[-1], x.shape[-1]), g)
+                torch.bmm(g.transpose(1, 2), x, out=per_example)  # G_b = Σ_t g_bt x_btᵀ
+                target.add_(per_example.square_().sum(0))
+            else:
+                per_example = self.workspace.get((g.shape[-1], x.shape[-1]), g)
+                for b, length in enumerate(lengths):
+                    if length:
+                        torch.mm(g[b, :length].T, x[b, :length], out=per_example)
+                        target.addcmul_(per_example, per_example)
         _add_bias(self.params, g, sums)
 
 
@@ -108,8 +120,7 @@ class _LayerNormSite(_Site):
         g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
         if self.normalized is None:  # once per batch, shared by every direction
             x = self.input
-            var = x.var(-1, unbiased=False, keepdim=True)
-            self.normalized = ((x - x.mean(-1, keepdim=True)) * torch.rsqrt(var + self.module.eps)).reshape(g.shape)
+            self.normalized = F.layer_norm(x, x.shape[-1:], eps=self.module.eps).reshape(g.shape)
         normalized = self.normalized.to(g.dtype)
         if "weight" in self.params:
             sums[self.params["weight"]].add_((g * normalized).sum(1).square_().sum(0))
@@ -286,6 +297,7 @@ class PerExampleSquaredGradients:
         self._frozen = [params[n] for n in self.names]
         for p in self._frozen:
             p.requires_grad_(False)
+        self._restore_linears = skip_zero_rows_in_linears(model)
         self._batch_size = 0
         self._handles = [s.module.register_forward_hook(self._hook(s)) for s in self.sites]
 
@@ -321,6 +333,7 @@ class PerExampleSquaredGradients:
 
     def detach(self) -> None:
         self.workspace.release()
+        self._restore_linears()
         for handle in self._handles:
             handle.remove()
         for p in self._frozen:

@@ -58,13 +58,42 @@ class MaskSite:
         return (gated * mask).reshape(shape)
 
 
-class MaskHooks:
-    """Installs the masks of ``sites``; ``masks[name]`` is a ``(B, units)`` tensor set per batch."""
+class _TimesOnes(torch.autograd.Function):
+    """``activation × mask`` for a mask of ones, the point where the mask Fisher is taken: the product is
+    the activation itself, so nothing is multiplied and the activation's gradient passes through as it
+    is; the mask's gradient is ``Σ_{t,d} g·a`` per example and unit (``d`` within a head)."""
 
-    def __init__(self, sites: list[MaskSite]) -> None:
+    @staticmethod
+    def forward(ctx, activation, mask, units, head_dim):
+        ctx.save_for_backward(activation)
+        ctx.units, ctx.head_dim = units, head_dim
+        return activation.view_as(activation)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (activation,) = ctx.saved_tensors
+        per_unit = (grad * activation).reshape(activation.shape[0], -1, ctx.units, ctx.head_dim).sum((1, 3))
+        return grad, per_unit, None, None
+
+
+class MaskHooks:
+    """Installs the masks of ``sites``; ``masks[name]`` is a ``(B, units)`` tensor set per batch.
+
+    ``of_ones=True`` promises that every mask is all ones (as the mask Fisher engine's are): the masks
+    then act through :class:`_TimesOnes`, which skips the multiplications, and any other value is
+    ignored. Masks of other values (pruning, tests) need the default."""
+
+    def __init__(self, sites: list[MaskSite], of_ones: bool = False) -> None:
         self.sites = sites
+        self.of_ones = of_ones
         self.masks: dict[str, torch.Tensor] = {}
         self._handles = []
+
+    def _apply(self, site: MaskSite, activation: torch.Tensor) -> torch.Tensor:
+        mask = self.masks[site.name]
+        if self.of_ones:
+            return _TimesOnes.apply(activation, mask, site.units, site.head_dim)
+        return site.apply(activation, mask)
 
     def ones(self, batch_size: int, device, requires_grad: bool = True) -> dict[str, torch.Tensor]:
         self.masks = {s.name: torch.ones(batch_size, s.units, device=device, requires_grad=requires_grad)
@@ -75,15 +104,15 @@ class MaskHooks:
         for site in self.sites:
             if site.pre:
                 def pre_hook(module, args, site=site):
-                    return (site.apply(args[0], self.masks[site.name]), *args[1:]) if site.name in self.masks else None
+                    return (self._apply(site, args[0]), *args[1:]) if site.name in self.masks else None
                 self._handles.append(site.module.register_forward_pre_hook(pre_hook))
             else:
                 def hook(module, args, output, site=site):
                     if site.name not in self.masks:
                         return None
                     if isinstance(output, tuple):
-                        return (site.apply(output[0], self.masks[site.name]), *output[1:])
-                    return site.apply(output, self.masks[site.name])
+                        return (self._apply(site, output[0]), *output[1:])
+                    return self._apply(site, output)
                 self._handles.append(site.module.register_forward_hook(hook))
 
     def remove(self) -> None:
@@ -111,7 +140,7 @@ class MaskFisherEngine:
 
     def __init__(self, model: nn.Module, sites: list[MaskSite]) -> None:
         device = next(model.parameters()).device
-        self.hooks = MaskHooks(sites)
+        self.hooks = MaskHooks(sites, of_ones=True)
         self.sums = {s.name: torch.zeros(s.units, device=device) for s in sites}
         self._frozen = [p for p in model.parameters() if p.requires_grad]
         for p in self._frozen:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lightning_merge.fisher.zero_rows import skip_zero_rows_in_linears
+from lightning_merge.fisher.zero_rows import freeze
 
 HEADS, FFN = "heads", "ffn"
 PAPER, RELEASED = "paper", "released"
@@ -142,11 +142,8 @@ class MaskFisherEngine:
         device = next(model.parameters()).device
         self.hooks = MaskHooks(sites, of_ones=True)
         self.sums = {s.name: torch.zeros(s.units, device=device) for s in sites}
-        self._frozen = [p for p in model.parameters() if p.requires_grad]
-        for p in self._frozen:
-            p.requires_grad_(False)
         self._device = device
-        self._restore_linears = skip_zero_rows_in_linears(model)
+        self._unfreeze = freeze(model)
         self.hooks.install()
 
     @contextmanager
@@ -166,9 +163,7 @@ class MaskFisherEngine:
 
     def detach(self) -> None:
         self.hooks.remove()
-        self._restore_linears()
-        for p in self._frozen:
-            p.requires_grad_(True)
+        self._unfreeze()
 
 
 def expand_mask_fisher(mask_fisher: dict[str, torch.Tensor], layout: dict[str, dict],

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_merge.fisher.zero_rows import active_prefix_lengths, skip_zero_rows_in_linears
+from lightning_merge.fisher.zero_rows import active_prefix_lengths, freeze
 
 
 class _Site:
@@ -294,10 +294,7 @@ class PerExampleSquaredGradients:
         params = dict(model.named_parameters())
         self.sums = {n: torch.zeros(params[n].shape, dtype=accumulate_dtype, device=params[n].device)
                      for n in self.names}
-        self._frozen = [params[n] for n in self.names]
-        for p in self._frozen:
-            p.requires_grad_(False)
-        self._restore_linears = skip_zero_rows_in_linears(model)
+        self._unfreeze = freeze(model)
         self._batch_size = 0
         self._handles = [s.module.register_forward_hook(self._hook(s)) for s in self.sites]
 
@@ -333,8 +330,6 @@ class PerExampleSquaredGradients:
 
     def detach(self) -> None:
         self.workspace.release()
-        self._restore_linears()
         for handle in self._handles:
             handle.remove()
-        for p in self._frozen:
-            p.requires_grad_(True)
+        self._unfreeze()

@@ -62,17 +62,21 @@ class _FrozenLinear(torch.autograd.Function):
         return out.view(*grad.shape[:-1], weight.shape[1]), None, None
 
 
-def skip_zero_rows_in_linears(model: nn.Module) -> Callable[[], None]:
-    """Route every plain ``nn.Linear`` of ``model`` whose parameters are frozen through
-    :class:`_FrozenLinear` (forward hooks still run: only ``forward`` is replaced). Returns the undo."""
-    patched = []
-    for module in model.modules():
-        frozen = not any(p.requires_grad for p in module.parameters(recurse=False))
-        if type(module) is nn.Linear and frozen and "forward" not in vars(module):
-            module.forward = lambda x, m=module: _FrozenLinear.apply(x, m.weight, m.bias)
-            patched.append(module)
+def freeze(model: nn.Module) -> Callable[[], None]:
+    """Freeze every trainable parameter of ``model`` (the Fisher engines differentiate activations or
+    masks only, so autograd does no weight-gradient work) and route its plain ``nn.Linear`` layers
+    through :class:`_FrozenLinear` (forward hooks still run: only ``forward`` is replaced). Returns the
+    undo, which restores both."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    patched = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)]
+    for module in patched:
+        module.forward = lambda x, m=module: _FrozenLinear.apply(x, m.weight, m.bias)
 
     def undo() -> None:
         for module in patched:
             del module.forward
+        for p in trainable:
+            p.requires_grad_(True)
     return undo

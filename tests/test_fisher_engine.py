@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from lightning_merge.backbones import HFTextClassifier, TimmViT
-from lightning_merge.fisher.directions import exact_directions, logit_directions, sampled_directions
 from lightning_merge.fisher import per_example, zero_rows
+from lightning_merge.fisher.directions import exact_directions, logit_directions, sampled_directions
 from lightning_merge.fisher.per_example import PerExampleSquaredGradients
-from lightning_merge.fisher.reference import reference_fisher_sums
 from tests.fixtures import SENTENCES, TINY_VIT, write_tiny_bert
+from tests.reference_fisher import reference_fisher_sums
 
 
 def fast_sums(backbone, batch, variant, labels=None, num_samples=1):

@@ -12,7 +12,7 @@ from lightning_merge.backbones import HFTextClassifier
 from lightning_merge.cli import main
 from lightning_merge.data import GlueDataModule
 from lightning_merge.fisher import load_fisher, read_fisher_metadata, save_fisher
-from lightning_merge.fisher.reference import reference_fisher_sums
+from tests.reference_fisher import reference_fisher_sums
 from tests.test_fisher_engine import assert_matches
 
 ROOT = Path(__file__).resolve().parents[1]

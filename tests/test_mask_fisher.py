@@ -6,8 +6,7 @@ import torch
 from lightning_merge.backbones import HFTextClassifier, TimmViT
 from lightning_merge.cli import main
 from lightning_merge.data import GlueDataModule
-from lightning_merge.fisher import load_fisher, read_fisher_metadata
-from lightning_merge.fisher import logit_directions, zero_rows
+from lightning_merge.fisher import load_fisher, logit_directions, read_fisher_metadata, zero_rows
 from lightning_merge.fisher.masks import MaskFisherEngine, MaskHooks, expand_mask_fisher
 from tests.fixtures import TINY_VIT
 from tests.test_fisher_engine import bert_batch, ragged_batch, slice_batch

@@ -29,6 +29,10 @@ class Backbone(nn.Module, ABC):
     #: several categorical outputs per example (a masked LM's positions): the exact expectation over
     #: labels would need (C−1) backward passes per output, so Fisher estimation samples labels instead
     several_outputs: bool = False
+    #: the task's class names (``id2label`` of a Hugging Face export), set by :meth:`describe_task`
+    label_names: list[str] | None = None
+    #: how inputs are prepared (timm's ``pretrained_cfg`` keys: input_size, mean, std, interpolation, ...)
+    preprocessing: dict | None = None
 
     @property
     @abstractmethod
@@ -47,6 +51,13 @@ class Backbone(nn.Module, ABC):
         """Where mask-node Fisher masks go (:class:`lightning_merge.fisher.masks.MaskSite`, paper 003 §3)."""
         raise NotImplementedError(f"{type(self).__name__} does not define mask sites")
 
+    def describe_task(self, label_names: list[str] | None, preprocessing: dict | None = None) -> None:
+        """Record what the data says about the task, so exports carry it (class names, preprocessing)."""
+        if label_names is not None and len(label_names) == self.num_labels:
+            self.label_names = [str(n) for n in label_names]
+        if preprocessing is not None:
+            self.preprocessing = dict(preprocessing)
+
     def is_head(self, name: str) -> bool:
         return name.startswith(self.head_prefixes)
 
@@ -63,7 +74,9 @@ class Backbone(nn.Module, ABC):
         """
         directory = Path(directory)
         with staged_directory(directory) as staging:
-            manifest = {"family": self.family, "num_labels": self.num_labels, **self._export_files(staging)}
+            manifest = {"family": self.family, "num_labels": self.num_labels,
+                        **({"label_names": self.label_names} if self.label_names else {}),
+                        **self._export_files(staging)}
             (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
         return directory
 

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lightning_merge.backbones.base import Backbone
@@ -48,6 +49,9 @@ class HFBackbone(Backbone):
                                            if not n.startswith(prefix + ".")}))
 
     def _export_files(self, directory: Path) -> dict:
+        if self.label_names:  # clients (pipelines, the hub's widgets) show these instead of LABEL_0, LABEL_1
+            self.model.config.id2label = dict(enumerate(self.label_names))
+            self.model.config.label2id = {name: i for i, name in enumerate(self.label_names)}
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         return {"source": self.name_or_path}
@@ -72,8 +76,8 @@ class HFTextClassifier(HFBackbone):
         location = resolve_model_location(name_or_path)
         kwargs = {} if num_labels is None else {"num_labels": num_labels}
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                location, ignore_mismatched_sizes=reinit_head, **kwargs
+            self.model, loading = AutoModelForSequenceClassification.from_pretrained(
+                location, ignore_mismatched_sizes=reinit_head, output_loading_info=True, **kwargs
             )
         except RuntimeError as err:
             if "mismatch" not in str(err):
@@ -84,6 +88,24 @@ class HFTextClassifier(HFBackbone):
                 f"reinit_head: true to train a new head"
             ) from err
         self._attach_tokenizer_and_head(tokenizer)
+        self._report_new_weights(loading)
+        id2label = self.model.config.id2label or {}
+        if id2label and not all(str(v) == f"LABEL_{k}" for k, v in id2label.items()):
+            self.label_names = [str(id2label[i]) for i in sorted(id2label)]
+
+    def _report_new_weights(self, loading: dict) -> None:
+        """One line for a new task head (expected when starting from a pre-trained encoder); a warning
+        naming any other weight the checkpoint lacked (that is not expected)."""
+        new = sorted(set(loading.get("missing_keys", ())) | {k[0] if isinstance(k, tuple) else k
+                                                              for k in loading.get("mismatched_keys", ())})
+        head = [k for k in new if self.is_head(k)]
+        body = [k for k in new if not self.is_head(k)]
+        if head:
+            rank_zero_info(f"{self.name_or_path}: new head of {self.num_labels} outputs initialised "
+                           f"({', '.join(head)})")
+        if body:
+            rank_zero_warn(f"{self.name_or_path}: the checkpoint lacks {len(body)} body weights, initialised at "
+                           f"random: {body[:5]}{' ...' if len(body) > 5 else ''}")
 
     @property
     def num_labels(self) -> int:

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from safetensors.torch import load_file, save_file
+from timm.models._hub import save_config_for_hf
 
 from lightning_merge.backbones.base import Backbone, read_manifest
 from lightning_merge.fisher.masks import FFN, HEADS, MaskSite
 
 WEIGHTS_FILE = "model.safetensors"
+TIMM_CONFIG = "config.json"
+_PREPROCESSING = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode", "label_names")
+
+
+def _exported_pretrained_cfg(checkpoint: Path) -> dict[str, Any]:
+    """The preprocessing and class names an export recorded in timm's ``config.json`` (none for others)."""
+    config = checkpoint / TIMM_CONFIG if checkpoint.is_dir() else None
+    if config is None or not config.is_file():
+        return {}
+    cfg = json.loads(config.read_text()).get("pretrained_cfg", {})
+    return {k: tuple(v) if isinstance(v, list) and k != "label_names" else v
+            for k, v in cfg.items() if k in _PREPROCESSING}
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -48,11 +62,13 @@ class TimmViT(Backbone):
         super().__init__()
         args: dict[str, Any] = {}
         state = None
+        overlay: dict[str, Any] = {}
         if checkpoint is not None:
             manifest = read_manifest(checkpoint)
             args.update(manifest.get("model_args", {}))
             model_name = model_name or manifest.get("model_name")
             state = _load_state_dict(Path(checkpoint))
+            overlay = _exported_pretrained_cfg(Path(checkpoint))
         if model_name is None:
             raise ValueError("TimmViT needs model_name (or a checkpoint exported by lightning_merge)")
         args.update(model_kwargs or {})
@@ -64,9 +80,12 @@ class TimmViT(Backbone):
             args["num_classes"] = num_classes
         size, patch = args.get("img_size"), args.get("patch_size")
         if size is not None and patch is not None and size % patch != 0:
-            raise ValueError(f"img_size={size} is not divisible by patch_size={patch}")
+            raise ValueError(f"TimmViT: img_size={size} is not divisible by patch_size={patch}")
         self.model_name, self.model_args, self.checkpoint = model_name, args, checkpoint
-        self.model = timm.create_model(model_name, pretrained=pretrained and state is None, **args)
+        self.model = timm.create_model(model_name, pretrained=pretrained and state is None,
+                                       **({"pretrained_cfg_overlay": overlay} if overlay else {}), **args)
+        if overlay.get("label_names"):
+            self.label_names = list(overlay["label_names"])
         self.head_prefixes = (self.model.default_cfg.get("classifier", "head") + ".",)
         if state is not None:
             self._load_checkpoint(state, checkpoint, checkpoint_classes, reinit_head)
@@ -118,4 +137,11 @@ class TimmViT(Backbone):
     def _export_files(self, directory: Path) -> dict:
         state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-        return {"model_name": self.model_name, "model_args": {**self.model_args, "num_classes": self.num_labels}}
+        model_args = {**self.model_args, "num_classes": self.num_labels}
+        # timm's own config.json (architecture, args, pretrained_cfg with the preprocessing): the folder
+        # loads with `timm.create_model("local-dir:<folder>")`, and `timm.data.resolve_data_config`
+        # gives the input size, mean/std and interpolation the model was trained with.
+        save_config_for_hf(self.model, str(directory / TIMM_CONFIG), model_args=model_args,
+                           data_config=self.preprocessing,
+                           model_config={"label_names": self.label_names} if self.label_names else None)
+        return {"model_name": self.model_name, "model_args": model_args}

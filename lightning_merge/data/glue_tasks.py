@@ -116,7 +116,7 @@ def get_glue_task(name: str) -> GlueTask:
     for task in GLUE_TASKS.values():
         if task.name.replace("_", "") == key:
             return task
-    raise ValueError(f"Unknown task {name!r}; known tasks: {', '.join(GLUE_TASKS)}")
+    raise ValueError(f"Unknown task {name!r}; known tasks: {', '.join(GLUE_TASKS)} (any usual spelling)")
 
 
 def stsb_to_bucket(score: torch.Tensor | float, num_buckets: int = STSB_NUM_BUCKETS) -> torch.Tensor:

@@ -14,11 +14,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_merge.data.batch import EXAMPLE_INDEX
-from lightning_merge.data.shifts import get_shift
+from lightning_merge.data.shifts import ShiftName, get_shift
 from lightning_merge.evaluation.metrics import TaskMetrics
 
 DIGITS = "digits"
 IID = "iid"
+MEAN, STD = 0.5, 0.5  # per channel, on pixel values in [0, 1]
 
 
 class _Source:
@@ -57,7 +58,7 @@ class ShiftedImages(Dataset):
     """Resize to ``img_size``, repeat grey channels to ``in_chans``, apply a named shift, normalize."""
 
     def __init__(self, source: _Source, img_size: int | None, in_chans: int, shift: str | None,
-                 mean: float = 0.5, std: float = 0.5) -> None:
+                 mean: float = MEAN, std: float = STD) -> None:
         self.source, self.img_size, self.in_chans = source, img_size, in_chans
         self.shift, self.mean, self.std = get_shift(shift), mean, std
 
@@ -88,7 +89,8 @@ class ImageDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, source: str = DIGITS, img_size: int | None = None, in_chans: int = 3,
-                 train_shift: str | None = None, eval_shifts: Sequence[str] = (), val_fraction: float = 0.2,
+                 train_shift: ShiftName | None = None, eval_shifts: Sequence[ShiftName] = (),
+                 val_fraction: float = 0.2,
                  train_split: str = "train", eval_split: str = "test", batch_size: int = 32,
                  eval_batch_size: int = 128, max_train_examples: int | None = None,
                  max_eval_examples: int | None = None, max_predict_examples: int | None = None,
@@ -150,6 +152,12 @@ class ImageDataModule(pl.LightningDataModule):
         label_feature = next((features[c] for c in ("label", "labels", "fine_label") if c in features), None)
         names = getattr(label_feature, "names", None)
         self.label_names_ = list(names) if names else [str(i) for i in range(int(max(ds[hp.train_split]["label"])) + 1)]
+
+    def preprocessing(self) -> dict:
+        """How images reach the model, in timm's ``pretrained_cfg`` terms (recorded in exports)."""
+        size, chans = self._img_size(), self.hparams.in_chans
+        config = {"mean": (MEAN,) * chans, "std": (STD,) * chans, "interpolation": "bilinear", "crop_pct": 1.0}
+        return {**config, "input_size": (chans, size, size)} if size is not None else config
 
     def _img_size(self) -> int | None:
         if self.hparams.img_size is not None:

@@ -7,6 +7,7 @@ sets, which is what the WiSE-FT comparison (NeurIPS paper §3.2, fig. 3) needs o
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -33,6 +34,8 @@ def _blur(image: torch.Tensor, index: int, sigma: float = 1.0) -> torch.Tensor:
 
 
 SHIFTS: dict[str, Shift] = {"rotate": _rotate, "noise": _noise, "invert": _invert, "blur": _blur}
+#: what a config may name (checked by the CLI at parse time); the first four are "no shift"
+ShiftName = Literal["none", "original", "iid", "rotate", "noise", "invert", "blur"]
 
 
 def get_shift(name: str | None) -> Shift | None:
@@ -40,5 +43,5 @@ def get_shift(name: str | None) -> Shift | None:
     if name is None or name in ("none", "original", "iid"):
         return None
     if name not in SHIFTS:
-        raise ValueError(f"Unknown distribution shift {name!r}; known shifts: {', '.join(SHIFTS)}")
+        raise ValueError(f"Unknown distribution shift {name!r}; known shifts: {', '.join(SHIFTS)} (or none)")
     return SHIFTS[name]

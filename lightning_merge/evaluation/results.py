@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lightning_merge.atomic import staged_file
 
+RESULTS_JSON = "results.json"
 MAIN_COLUMNS = ("method", "coefficients", "selection_score", "heldout_score", "full_score")
 
 
@@ -45,18 +46,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [header, *lines])
 
 
-def write_results(output_dir: str | os.PathLike, rows: list[dict], search: list[dict], facts: dict,
-                  target: int = 0, plot: bool = True) -> str:
-    """``results.csv`` / ``results.json`` (reported rows), ``search.csv`` (every candidate's selection
-    score) and, when they apply, ``score_vs_lambda.png`` and ``iid_vs_ood.png``. Returns the table text."""
+def write_results(output_dir: str | os.PathLike, rows: list[dict], search: list[dict], target: int = 0,
+                  plot: bool = True) -> str:
+    """``results.csv`` (reported rows), ``search.csv`` (every candidate's selection score) and, when they
+    apply, ``score_vs_lambda.png`` and ``iid_vs_ood.png``. Returns the table text. ``results.json`` is
+    the stage's completion marker: :func:`write_completion_marker` writes it after everything else."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "results.csv", _csv(rows))
     _atomic_write(out / "search.csv", _csv(search))
-    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731  (JSON has no NaN)
-    payload = {"facts": facts, "results": [{k: clean(v) for k, v in r.items()} for r in rows],
-               "search": [{k: clean(v) for k, v in r.items()} for r in search]}
-    _atomic_write(out / "results.json", json.dumps(payload, indent=2))
     if plot:
         from lightning_merge import plotting
 
@@ -66,3 +64,15 @@ def write_results(output_dir: str | os.PathLike, rows: list[dict], search: list[
         if any(r.get("coefficients") is not None for r in rows) and plotting.ood_columns(rows):
             plotting.iid_vs_ood(rows, target, out / "iid_vs_ood.png")
     return format_table(rows)
+
+
+def write_completion_marker(output_dir: str | os.PathLike, rows: list[dict], search: list[dict],
+                            facts: dict) -> Path:
+    """``results.json``: every number of the run and its facts. Written last (after the tables, plots and
+    the export), atomically, so its presence means the stage finished: recipes skip a stage by it."""
+    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731  (JSON has no NaN)
+    payload = {"facts": facts, "results": [{k: clean(v) for k, v in r.items()} for r in rows],
+               "search": [{k: clean(v) for k, v in r.items()} for r in search]}
+    path = Path(output_dir) / RESULTS_JSON
+    _atomic_write(path, json.dumps(payload, indent=2))
+    return path

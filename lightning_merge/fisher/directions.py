@@ -9,8 +9,10 @@ directions in logit space, because ``∇θ log p(y|x_i) = J_iᵀ(e_y − p_i)`` 
   eigenvectors scaled by √eigenvalue give the *exact* expectation with C−1 backward passes.
 * ``sampled``: ``k`` labels drawn from the model's own ``p_i``, directions ``(e_y − p_i)/√k``.
 * ``empirical``: the true label, ``e_y − p_i`` (the "empirical Fisher": a different quantity).
-* one output (regression, Gaussian likelihood of unit variance): ``∇θ log p = ∂z/∂θ · (y − z)``,
-  whose expectation over ``y`` is ``(∂z/∂θ)²``: the direction is ``1``.
+* one output (regression, Gaussian likelihood of unit variance, ``log p(y|x) = −(y − z)²/2 + const``):
+  ``∇θ log p = ∂z/∂θ · (y − z)``. ``exact``: ``E_{y~N(z,1)} (y − z)² = 1``, the direction is ``1``;
+  ``sampled``: ``k`` draws ``y ~ N(z, 1)``, directions ``(y − z)/√k = ε/√k`` with ``ε ~ N(0, 1)``;
+  ``empirical``: the true target, direction ``y − z``.
 
 Returned shape: ``(K, B, C)``; each ``[k]`` is one ``grad_outputs`` for the logits.
 """
@@ -50,6 +52,19 @@ def empirical_directions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return (onehot - p).unsqueeze(0).to(logits.dtype)
 
 
+def gaussian_directions(outputs: torch.Tensor, variant: str, targets: torch.Tensor | None = None,
+                        num_samples: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One output with a unit-variance Gaussian likelihood (regression heads): ``(K, B, 1)``."""
+    if variant == "exact":
+        return torch.ones(1, *outputs.shape, dtype=outputs.dtype, device=outputs.device)
+    if variant == "sampled":
+        noise = torch.randn(num_samples, *outputs.shape, generator=generator, dtype=torch.float32)
+        return (noise / num_samples**0.5).to(outputs.device, outputs.dtype)
+    if targets is None:
+        raise ValueError("the empirical Fisher needs the true targets")
+    return (targets.to(outputs.dtype).reshape(outputs.shape) - outputs.detach()).unsqueeze(0)
+
+
 def logit_directions(logits: torch.Tensor, variant: str, labels: torch.Tensor | None = None,
                      num_samples: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
     """Directions for ``variant``. Outputs whose label is ``-100`` (the padding slots of a masked LM's
@@ -57,7 +72,7 @@ def logit_directions(logits: torch.Tensor, variant: str, labels: torch.Tensor | 
     if variant not in VARIANTS:
         raise ValueError(f"Unknown Fisher variant {variant!r}; choose one of {VARIANTS}")
     if logits.shape[-1] == 1:
-        directions = torch.ones(1, *logits.shape, dtype=logits.dtype, device=logits.device)
+        directions = gaussian_directions(logits, variant, labels, num_samples, generator)
     elif variant == "exact":
         directions = exact_directions(logits)
     elif variant == "sampled":

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
+from jsonargparse.typing import NonNegativeFloat
 
 from lightning_merge.fisher.io import load_fisher, read_fisher_metadata
 from lightning_merge.fisher.masks import PAPER, RELEASED, expand_mask_fisher
@@ -67,8 +69,9 @@ class FisherMerge(MergeMethod):
         name: row label (default ``fisher`` / ``mask_fisher``).
     """
 
-    def __init__(self, fisher: str = "fisher", floor: float = 1e-6, fallback: str = TARGET, normalize: bool = False,
-                 mask_rule: str = PAPER, name: str | None = None) -> None:
+    def __init__(self, fisher: Literal["fisher", "mask_fisher"] = "fisher", floor: NonNegativeFloat = 1e-6,
+                 fallback: Literal["target", "isotropic"] = TARGET, normalize: bool = False,
+                 mask_rule: Literal["paper", "released"] = PAPER, name: str | None = None) -> None:
         if fisher not in FISHER_FIELDS:
             raise ValueError(f"FisherMerge(fisher={fisher!r}): choose one of {FISHER_FIELDS}")
         if fallback not in (TARGET, ISOTROPIC):

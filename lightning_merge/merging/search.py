@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
+
+GridPoints = restricted_number_type("GridPoints", int, (">=", 2))
 
 
 class CoefficientSearch:
@@ -38,9 +41,9 @@ class GridSearch(CoefficientSearch):
     """Two models: the target's ``λ`` on ``points`` evenly spaced values in [0, 1], endpoints included,
     the other model ``1 − λ`` (NeurIPS paper §3.1.1 uses 50 points; WiSE-FT, §3.2, 11 points)."""
 
-    def __init__(self, points: int = 50) -> None:
+    def __init__(self, points: GridPoints = 50) -> None:
         if points < 2:
-            raise ValueError(f"a grid needs at least 2 points, got {points}")
+            raise ValueError(f"GridSearch(points={points}): a grid needs at least 2 points")
         self.points = points
 
     def candidates(self, num_models, target=0):
@@ -58,7 +61,7 @@ class DirichletSearch(CoefficientSearch):
     """``samples`` coefficient vectors drawn from ``Dirichlet(alpha·1)`` (NeurIPS paper appendix B
     used 2500 for N models), seeded; the uniform vector ``1/M`` is always tried first."""
 
-    def __init__(self, samples: int = 2500, alpha: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, samples: PositiveInt = 2500, alpha: PositiveFloat = 1.0, seed: int = 0) -> None:
         if samples < 1 or alpha <= 0:
             raise ValueError(f"DirichletSearch needs samples >= 1 and alpha > 0, got {samples}, {alpha}")
         self.samples, self.alpha, self.seed = samples, alpha, seed

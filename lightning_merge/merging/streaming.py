@@ -13,13 +13,12 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from lightning_merge.atomic import staged_directory
+from lightning_merge.atomic import create_hidden_file, staged_directory
 from lightning_merge.fisher.io import read_fisher_metadata
 from lightning_merge.fisher.masks import expand_mask_fisher
 from lightning_merge.merging.formulas import normalize_coefficients
@@ -135,11 +134,9 @@ class SafetensorsWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data aligned to 8 bytes, as safetensors writes it
         self.header, self._data_start = header, 8 + len(encoded)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._fd = fd
-        os.pwrite(fd, struct.pack("<Q", len(encoded)) + encoded, 0)
-        os.ftruncate(fd, self._data_start + offset)
+        self._fd, self.tmp = create_hidden_file(self.path)
+        os.pwrite(self._fd, struct.pack("<Q", len(encoded)) + encoded, 0)
+        os.ftruncate(self._fd, self._data_start + offset)
 
     def write(self, name: str, values: torch.Tensor, start: int = 0) -> None:
         """Write flat ``values`` as elements ``start…`` of tensor ``name``."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
+from lightning_merge.atomic import check_writable
 from lightning_merge.backbones import Backbone
 from lightning_merge.regularization import l2_to_reference
 
@@ -55,6 +56,11 @@ class FineTuneModule(pl.LightningModule):
                 f"The model's head has {self.backbone.num_labels} outputs but the data has "
                 f"{datamodule.num_labels} labels; set the backbone's num_labels (and reinit_head) to match"
             )
+        preprocessing = getattr(datamodule, "preprocessing", None)
+        self.backbone.describe_task(getattr(datamodule, "label_names", None),
+                                    preprocessing() if callable(preprocessing) else None)
+        if stage == "fit" and self.trainer.is_global_zero:
+            check_writable(self._export_directory().parent, "fine-tuned model")
         self.eval_set_names = list(datamodule.eval_set_names)
         self.eval_metrics = nn.ModuleList(datamodule.task_metrics() for _ in self.eval_set_names)
 
@@ -127,9 +133,11 @@ class FineTuneModule(pl.LightningModule):
     def on_fit_end(self) -> None:
         self._export()
 
+    def _export_directory(self) -> Path:
+        return Path(self.hparams.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "export")
+
     @rank_zero_only
     def _export(self) -> None:
-        directory = Path(self.hparams.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir)
-                         / "export")
+        directory = self._export_directory()
         self.backbone.export(directory)
         rank_zero_info(f"Exported the fine-tuned {self.backbone.family} model to {directory}")

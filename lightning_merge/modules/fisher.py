@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import lightning.pytorch as pl
 import torch
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_merge
@@ -12,6 +15,9 @@ from lightning_merge.fisher.directions import VARIANTS, logit_directions
 from lightning_merge.fisher.io import save_fisher
 from lightning_merge.fisher.masks import MaskFisherEngine
 from lightning_merge.fisher.per_example import PerExampleSquaredGradients
+
+Variant = Literal["auto", "exact", "sampled", "empirical"]
+Kind = Literal["full", "mask"]
 
 AUTO = "auto"
 MAX_EXACT_LABELS = 1024  # beyond this, C−1 backward passes per batch are not a sensible plan
@@ -38,8 +44,8 @@ class FisherEstimationModule(pl.LightningModule):
         seed: for the sampled labels (each rank offsets it by its rank).
     """
 
-    def __init__(self, backbone: Backbone, output: str, variant: str = AUTO, kind: str = FULL, num_samples: int = 1,
-                 max_exact_classes: int = 64, seed: int = 0) -> None:
+    def __init__(self, backbone: Backbone, output: str, variant: Variant = AUTO, kind: Kind = FULL,
+                 num_samples: PositiveInt = 1, max_exact_classes: PositiveInt = 64, seed: int = 0) -> None:
         super().__init__()
         if kind not in (FULL, MASK):
             raise ValueError(f"Unknown Fisher kind {kind!r}; choose {FULL!r} (every parameter) or {MASK!r}")

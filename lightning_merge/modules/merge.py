@@ -15,16 +15,19 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveFloat
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_merge.atomic import check_writable
 from lightning_merge.backbones import load_backbone
 from lightning_merge.data.batch import EXAMPLE_INDEX, LABELS
 from lightning_merge.evaluation.ensemble import ensemble_outputs
-from lightning_merge.evaluation.results import write_results
+from lightning_merge.evaluation.results import write_completion_marker, write_results
 from lightning_merge.merging.flat import FlatLayout, FlatMerger
 from lightning_merge.merging.methods import FisherMerge, IsotropicMerge, MergeMethod
 from lightning_merge.merging.search import CoefficientSearch, FixedCoefficients
@@ -111,8 +114,9 @@ class MergeModule(pl.LightningModule):
     """
 
     def __init__(self, models: list[ModelSpec], methods: list[MergeMethod] | None = None,
-                 search: CoefficientSearch | None = None, target: int = 0, select_examples: float = 2048,
-                 report: str = BEST, baselines: list[str] | None = None, output_dir: str = "merge_results",
+                 search: CoefficientSearch | None = None, target: NonNegativeInt = 0,
+                 select_examples: PositiveFloat = 2048, report: Literal["best", "all"] = BEST,
+                 baselines: list[Literal["unmerged", "ensemble"]] | None = None, output_dir: str = "merge_results",
                  export_dir: str | None = None, export_method: str | None = None, plot: bool = True,
                  root_dir: str | None = None) -> None:
         super().__init__()
@@ -122,7 +126,8 @@ class MergeModule(pl.LightningModule):
         if len(models) < 2:
             raise ValueError(f"merging needs at least 2 models, got {len(models)}")
         if not 0 <= target < len(models):
-            raise ValueError(f"target index {target} out of range for {len(models)} models")
+            raise ValueError(f"MergeModule(target={target}): out of range for {len(models)} models "
+                             f"(0..{len(models) - 1})")
         if report not in (BEST, ALL):
             raise ValueError(f"report must be {BEST!r} or {ALL!r}, got {report!r}")
         baselines = [UNMERGED, ENSEMBLE] if baselines is None else list(baselines)
@@ -161,6 +166,10 @@ class MergeModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self._prepared:
             return
+        if self._trainer is None or self.trainer.is_global_zero:  # found now, not after the whole evaluation
+            check_writable(self.output_dir, "merge results")
+            if self.export_dir:
+                check_writable(Path(self.export_dir).parent, "merged model")
         self.stage = stage
         self.backbones = nn.ModuleList(load_backbone(s.path, s.family) for s in self.specs)
         for backbone in self.backbones:
@@ -205,6 +214,8 @@ class MergeModule(pl.LightningModule):
         if data.num_labels != backbone.num_labels:
             raise ValueError(f"Model {i} ({self.specs[i].path}) has {backbone.num_labels} outputs but its data "
                              f"({self.names[i]}) has {data.num_labels} labels")
+        preprocessing = getattr(data, "preprocessing", None)
+        backbone.describe_task(getattr(data, "label_names", None), preprocessing() if callable(preprocessing) else None)
 
     def _setup_merge(self) -> None:
         """Flat buffers of every model's merged tensors, shared by all methods."""
@@ -453,10 +464,12 @@ class MergeModule(pl.LightningModule):
                      "selection_examples": {self.names[i]: len(self.splits[i][0]) for i in self.evaluated},
                      "heldout_examples": {self.names[i]: len(self.splits[i][1]) for i in self.evaluated},
                      "stage": self.stage, "report": self.report, "merge_seconds": self.merge_seconds}
-            written = write_results(self.output_dir, rows, search, facts, self.target, self.plot)
+            written = write_results(self.output_dir, rows, search, self.target, self.plot)
             rank_zero_info("Merge results:\n" + written)
-            if self.export_dir:
-                self._export(search)
+            exported = self._export(search) if self.export_dir else []
+            marker = write_completion_marker(self.output_dir, rows, search, {**facts, "exported": exported})
+            rank_zero_info(f"Wrote {marker.parent}/ (results.csv, search.csv, plots, results.json)"
+                           + (f" and the merged model to {', '.join(exported)}" if exported else ""))
         self.trainer.strategy.barrier()
         self.outputs.clear()
 
@@ -465,12 +478,13 @@ class MergeModule(pl.LightningModule):
 
     on_test_epoch_end = on_validation_epoch_end
 
-    def _export(self, search: list[dict]) -> None:
+    def _export(self, search: list[dict]) -> list[str]:
         pool = [r for r in search if self.export_method in (None, r["method"])]
         if not pool:
             raise ValueError(f"export_method {self.export_method!r} is not one of {[m.name for m in self.methods]}")
         best = max(pool, key=lambda r: (not math.isnan(r["selection_score"]), r["selection_score"]))
         values = self.mergers[best["method"]](best["coefficients"])
+        written = []
         for i in self.evaluated:
             params = dict(self.backbones[i].model.named_parameters())
             torch._foreach_copy_([params[n] for n in values], list(values.values()))
@@ -479,5 +493,7 @@ class MergeModule(pl.LightningModule):
             if len(self.evaluated) > 1:
                 directory = directory / self.names[i]
             self.backbones[i].export(directory)
+            written.append(str(directory))
             rank_zero_info(f"Exported {best['method']} merge (coefficients {best['coefficients']}) of "
                            f"{self.names[i]} to {directory}")
+        return written

@@ -1,5 +1,6 @@
 """The slow, obviously-correct diagonal Fisher (NeurIPS paper eq. 2): one example and one label at a
-time, plain autograd. Tests hold the fast engine to it; nothing else should call it."""
+time, plain autograd of the log-likelihood itself. It shares no code with the package's engine (no
+logit directions), so a bug there cannot hide here."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ def reference_fisher_sums(model: nn.Module, forward: Callable[[int], torch.Tenso
                           variant: str = "exact", labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``Σ_i E_y (∇θ log p(y|x_i))²`` (not yet divided by N), for ``exact`` or ``empirical``.
 
-    ``forward(i)`` returns the logits ``(1, C)`` of example ``i`` alone.
+    ``forward(i)`` returns the logits ``(1, C)`` of example ``i`` alone. One output is a Gaussian of
+    unit variance, ``log p(y|x) = −(y − z)²/2``: ``empirical`` differentiates it at the true ``y``;
+    ``exact`` uses ``E_{y~N(z,1)} (∂/∂θ log p)² = E (y − z)² (∂z/∂θ)² = (∂z/∂θ)²``.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     sums = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
@@ -26,7 +29,11 @@ def reference_fisher_sums(model: nn.Module, forward: Callable[[int], torch.Tenso
             log_p = torch.log_softmax(logits.double(), -1)[keep]
             weighted = [(1.0, log_p.gather(1, labels[i][keep].unsqueeze(1)).sum())]
         elif logits.numel() == 1:
-            weighted = [(1.0, logits[0])]  # Gaussian, unit variance: E_y (∂z (y − z))² = (∂z)²
+            z = logits[0].double()
+            if variant == "empirical":
+                weighted = [(1.0, -0.5 * (float(labels[i]) - z) ** 2)]
+            else:
+                weighted = [(1.0, z)]
         else:
             log_p = torch.log_softmax(logits.double(), -1)
             classes = range(len(log_p)) if variant == "exact" else [int(labels[i])]

@@ -1,10 +1,13 @@
 """End-to-end fine-tuning through the real `lightning-merge` entry point, offline."""
 
 import io
+import json
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+import timm
+import timm.data
 import torch
 import yaml
 
@@ -42,6 +45,11 @@ def test_fit_tiny_bert_on_local_glue_exports_a_reloadable_model(tiny_bert3, glue
         torch.testing.assert_close(reloaded(batch), trained(batch), rtol=0, atol=0)
     # Training moved the weights away from the tiny BERT it started from.
     assert not torch.equal(reloaded.model.classifier.weight, load_backbone(tiny_bert3).model.classifier.weight)
+    # Clients see the task's label names, not LABEL_0..2.
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["id2label"] == {"0": "entailment", "1": "neutral", "2": "contradiction"}
+    assert config["label2id"]["neutral"] == 1
+    assert reloaded.label_names == ["entailment", "neutral", "contradiction"]
 
 
 def test_fit_tiny_vit_on_digits_with_ood_sets(tmp_path):
@@ -53,7 +61,14 @@ def test_fit_tiny_vit_on_digits_with_ood_sets(tmp_path):
                 "--trainer.default_root_dir", str(tmp_path / "run")])
     metrics = cli.trainer.callback_metrics
     assert {"val/iid/accuracy", "val/rotate/accuracy", "val/invert/accuracy"} <= set(metrics)
-    assert load_backbone(tmp_path / "export").num_labels == 10
+    reloaded = load_backbone(tmp_path / "export")
+    assert reloaded.num_labels == 10 and reloaded.label_names == [str(i) for i in range(10)]
+    # timm's own reading of the export: its preprocessing is the data module's.
+    expected = {"input_size": (3, 8, 8), "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                "crop_pct": 1.0}
+    for model in (reloaded.model, timm.create_model(f"local-dir:{tmp_path / 'export'}")):
+        config = timm.data.resolve_data_config(model=model)
+        assert {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in expected} == expected
 
 
 def test_label_count_mismatch_is_named(tiny_bert, glue_dir, tmp_path):

@@ -81,6 +81,36 @@ def test_bert_empirical_and_regression(tmp_path):
     assert_matches(fast_sums(regression, batch, "exact"), slow)
 
 
+def test_regression_empirical_fisher_uses_the_targets(tmp_path):
+    """One output, Gaussian of unit variance: the empirical Fisher is Σ_i (y_i − z_i)² (∂z_i/∂θ)², checked
+    against autograd of −(y − z)²/2 itself (the reference shares no code with the engine)."""
+    regression = HFTextClassifier(str(write_tiny_bert(tmp_path, num_labels=1))).eval().double()
+    batch = bert_batch(regression)
+    targets = torch.tensor([0.0, 1.5, -2.0, 3.25, 0.5], dtype=torch.float64)
+    batch["labels"] = targets
+    slow = reference_fisher_sums(regression.model, lambda i: regression(slice_batch(batch, i)), 5, "empirical",
+                                 targets)
+    fast = fast_sums(regression, batch, "empirical", targets)
+    assert_matches(fast, slow)
+    exact = fast_sums(regression, batch, "exact")
+    name = "classifier.weight"
+    assert not torch.allclose(fast[name], exact[name])  # the targets matter (they were ignored before)
+
+
+def test_regression_sampled_fisher_converges_to_exact(tmp_path):
+    """``sampled`` for one output draws y ~ N(z, 1): directions ε/√k whose squares average to 1."""
+    regression = HFTextClassifier(str(write_tiny_bert(tmp_path, num_labels=1))).eval().double()
+    batch = bert_batch(regression)
+    exact = fast_sums(regression, batch, "exact")
+    sampled = fast_sums(regression, batch, "sampled", num_samples=4000)
+    name = "classifier.weight"
+    err = ((sampled[name] - exact[name]).abs().max() / exact[name].abs().max()).item()
+    assert err < 0.1
+    directions = logit_directions(torch.zeros(3, 1), "sampled", num_samples=4000,
+                                  generator=torch.Generator().manual_seed(0))
+    assert directions.shape == (4000, 3, 1) and abs(float(directions.pow(2).sum(0).mean()) - 1) < 0.05
+
+
 @pytest.mark.parametrize("num_classes", [2, 3])
 def test_vit_exact_fisher_matches_per_example_loop(num_classes):
     torch.manual_seed(0)

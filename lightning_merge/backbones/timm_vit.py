@@ -24,7 +24,10 @@ def _exported_pretrained_cfg(checkpoint: Path) -> dict[str, Any]:
     config = checkpoint / TIMM_CONFIG if checkpoint.is_dir() else None
     if config is None or not config.is_file():
         return {}
-    cfg = json.loads(config.read_text()).get("pretrained_cfg", {})
+    saved = json.loads(config.read_text())
+    cfg = dict(saved.get("pretrained_cfg", {}))
+    if "label_names" in saved:  # timm keeps the class names at the top level
+        cfg["label_names"] = saved["label_names"]
     return {k: tuple(v) if isinstance(v, list) and k != "label_names" else v
             for k, v in cfg.items() if k in _PREPROCESSING}
 

@@ -28,8 +28,38 @@ _EVAL_ROLES = {"validate": "validation", "test": "test"}
 TEXT_A, TEXT_B, LABEL = "text_a", "text_b", "label"
 
 
+def check_text_file(path: Path) -> None:
+    """Errors that name the file (and line) for what the ``datasets`` builders report only as
+    "An error occurred while generating the dataset": an empty file, bytes that are not UTF-8."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty")
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not UTF-8 text (byte {line[err.start]:#04x} at column "
+                                 f"{err.start + 1}); re-save the file as UTF-8") from None
+
+
 def _read_file(path: Path, task: GlueTask) -> datasets.Dataset:
     """Read one local file with the ``datasets`` builders; the format follows the suffix."""
+    check_text_file(path)
+    try:
+        ds = _load_file(path, task)
+    except ValueError as err:
+        if "corresponds to no data" not in str(err):
+            raise
+        ds = None
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err.__context__ or err
+        raise ValueError(f"{path} cannot be read as a {path.suffix} table: {cause}") from err
+    if ds is None or len(ds) == 0:
+        raise ValueError(f"{path} has no examples (only a header, or nothing but blank lines)")
+    return ds
+
+
+def _load_file(path: Path, task: GlueTask) -> datasets.Dataset:
     suffix = path.suffix.lower()
     if suffix in (".tsv", ".txt", ".csv"):
         options: dict[str, Any] = dict(
@@ -72,7 +102,17 @@ def to_canonical(raw: datasets.Dataset, task: GlueTask, source: str, *, stsb_buc
         _pick_column(columns, task.label_columns, f"the label of {task.name}", source)
     index = {name: i for i, name in enumerate(task.label_names or ())}
 
-    def convert_label(value: Any) -> float | int:
+    def convert_label(value: Any, row: int) -> float | int:
+        try:
+            label = _convert_label(value)
+        except ValueError as err:
+            raise ValueError(f"{source}, example {row + 1}: {err}") from None
+        if label == -1 and require_labels:
+            raise ValueError(f"{source}, example {row + 1}: label -1 (unlabeled) in a split used for training or "
+                             f"evaluation; {task.name}'s labels are {list(index) or 'scores'}")
+        return label
+
+    def _convert_label(value: Any) -> float | int:
         if task.is_regression:
             score = float(value)
             return int(stsb_to_bucket(score)) if stsb_buckets else score
@@ -83,18 +123,18 @@ def to_canonical(raw: datasets.Dataset, task: GlueTask, source: str, *, stsb_buc
             if value.lstrip("-").isdigit():
                 value = int(value)
             else:
-                raise ValueError(f"{source}: label {value!r} is not one of {list(index)}")
+                raise ValueError(f"label {value!r} is not one of {list(index)}")
         value = int(value)
         if not 0 <= value < len(index) and value != -1:
-            raise ValueError(f"{source}: label {value} is out of range for {task.name} ({len(index)} classes)")
+            raise ValueError(f"label {value} is out of range for {task.name} ({len(index)} classes)")
         return value
 
-    def convert(batch: dict[str, list]) -> dict[str, list]:
+    def convert(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out = {TEXT_A: [str(t) for t in batch[text_cols[0]]]}
         if len(text_cols) > 1:
             out[TEXT_B] = [str(t) for t in batch[text_cols[1]]]
         n = len(out[TEXT_A])
-        out[LABEL] = [convert_label(v) for v in batch[label_col]] if label_col else [-1] * n
+        out[LABEL] = [convert_label(v, i) for v, i in zip(batch[label_col], indices)] if label_col else [-1] * n
         return out
 
     features = {TEXT_A: datasets.Value("string")}
@@ -102,7 +142,8 @@ def to_canonical(raw: datasets.Dataset, task: GlueTask, source: str, *, stsb_buc
         features[TEXT_B] = datasets.Value("string")
     regression = task.is_regression and not stsb_buckets
     features[LABEL] = datasets.Value("float32" if regression else "int64")
-    return raw.map(convert, batched=True, remove_columns=columns, features=datasets.Features(features))
+    return raw.map(convert, batched=True, with_indices=True, remove_columns=columns,
+                   features=datasets.Features(features))
 
 
 def subsample(ds: datasets.Dataset, max_examples: int | None, seed: int) -> datasets.Dataset:

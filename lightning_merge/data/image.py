@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -86,6 +87,8 @@ class ImageDataModule(pl.LightningDataModule):
         img_size: resize target (default: the model's ``img_size``).
         train_shift: shift applied to the training domain (and its IID evaluation set).
         eval_shifts: extra evaluation sets, one per named shift (OOD).
+        predict_split / max_predict_examples: what ``trainer.predict`` sees (Fisher estimation): the
+            training images (``train``, in the training domain's shift) or the evaluation images.
     """
 
     def __init__(self, source: str = DIGITS, img_size: int | None = None, in_chans: int = 3,
@@ -94,7 +97,7 @@ class ImageDataModule(pl.LightningDataModule):
                  train_split: str = "train", eval_split: str = "test", batch_size: int = 32,
                  eval_batch_size: int = 128, max_train_examples: int | None = None,
                  max_eval_examples: int | None = None, max_predict_examples: int | None = None,
-                 seed: int = 0, num_workers: int = 0) -> None:
+                 predict_split: Literal["train", "validation"] = "train", seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         for name in (train_shift, *eval_shifts):
@@ -204,7 +207,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         hp = self.hparams
-        ds = self._dataset("train", hp.train_shift)
+        ds = self._dataset("train" if hp.predict_split == "train" else "eval", hp.train_shift)
         if hp.max_predict_examples is not None and hp.max_predict_examples < len(ds):
             ds = torch.utils.data.Subset(ds, range(hp.max_predict_examples))
         elif hp.max_predict_examples is not None and hp.max_predict_examples > len(ds):

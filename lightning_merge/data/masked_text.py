@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from lightning_merge.backbones.hf_mlm import IGNORE, MASKED_POSITIONS
 from lightning_merge.data.batch import EXAMPLE_INDEX, LABELS
-from lightning_merge.data.glue import subsample
+from lightning_merge.data.glue import check_text_file, subsample
 
 TEXT_SUFFIXES = {".txt": "text", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 
@@ -58,6 +58,7 @@ class MaskedTextDataModule(pl.LightningDataModule):
             if kind is None:
                 raise ValueError(f"{path}: unsupported text file type; use one of {sorted(TEXT_SUFFIXES)}")
             kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+            check_text_file(path)
             ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
         else:
             ds = datasets.load_dataset(hp.source, hp.config, split=hp.split)

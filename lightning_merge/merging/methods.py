@@ -107,6 +107,8 @@ def load_merge_weights(path: str | os.PathLike, shapes: Mapping[str, torch.Size]
             raise ValueError(f"{path} is a mask Fisher without a mask_layout in its header")
         masks = load_fisher(path, sorted(layout))
         for name, value in masks.items():
+            if not value.dtype.is_floating_point:
+                raise ValueError(f"{label}: mask Fisher {name!r} in {path} has dtype {value.dtype}, not floats")
             if not torch.isfinite(value).all() or (value < 0).any():
                 raise ValueError(f"{label}: mask Fisher {name!r} in {path} has NaN, Inf or negative entries")
         weights = expand_mask_fisher(masks, layout, dict(shapes), mask_rule)

@@ -41,6 +41,9 @@ def check_fisher(fisher: dict[str, torch.Tensor], names: Sequence[str], shapes: 
         raise KeyError(f"{label} has no Fisher for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for name in names:
         f = fisher[name]
+        if not f.dtype.is_floating_point:
+            raise ValueError(f"{label}: Fisher of {name!r} has dtype {f.dtype}; a Fisher is a mean of squares, "
+                             f"stored as floats")
         if tuple(f.shape) != tuple(shapes[name]):
             raise ValueError(f"{label}: Fisher of {name!r} has shape {tuple(f.shape)}, the parameter "
                              f"{tuple(shapes[name])}")

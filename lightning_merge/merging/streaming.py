@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import struct
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from lightning_merge.atomic import create_hidden_file, staged_directory
 from lightning_merge.fisher.io import read_fisher_metadata
 from lightning_merge.fisher.masks import expand_mask_fisher
+from lightning_merge.fisher.provenance import check_provenance, fingerprint_reader
 from lightning_merge.merging.formulas import normalize_coefficients
 from lightning_merge.merging.methods import MergeMethod
 from lightning_merge.merging.state_dicts import check_fisher
@@ -158,12 +160,14 @@ class SafetensorsWriter:
 
 def merge_safetensors(models: Sequence[str | os.PathLike], coefficients: Sequence[float], output: str | os.PathLike,
                       method: MergeMethod, fishers: Sequence[str | os.PathLike] | None = None,
-                      keep: Sequence[str] = (), target: int = 0, chunk_elements: int = 1 << 20) -> Path:
+                      keep: Sequence[str] = (), target: int = 0, chunk_elements: int = 1 << 20,
+                      check_provenance: bool = True) -> Path:
     """Merge ``models`` (files or export folders) with ``method`` into ``output``, streaming.
 
     Tensors whose name starts with a prefix in ``keep`` (the task head, e.g. ``classifier.``) are
     copied from the ``target`` model, never averaged; every other tensor must exist with one shape in
-    every model (and in every Fisher). For folders the output is a folder with the target's other
+    every model (and in every Fisher). Each Fisher file's recorded model fingerprint must be its model's
+    unless ``check_provenance`` is off. For folders the output is a folder with the target's other
     files (config, tokenizer, manifest) and one ``model.safetensors``; sharded inputs are read shard
     by shard and written as one file. Returns the output path.
     """
@@ -185,6 +189,8 @@ def merge_safetensors(models: Sequence[str | os.PathLike], coefficients: Sequenc
         _check_same_architecture(inputs, merged, target)
         shapes = {n: inputs[target].shape(n) for n in merged}
         if method.fisher_field is not None:
+            if check_provenance:
+                _check_fisher_provenance(inputs, fishers)
             for i, f in enumerate(fishers):
                 weight_source.append(_FisherSource(f, shapes, f"model {i}", getattr(method, "mask_rule", "paper")))
         sources = weight_source or None
@@ -198,6 +204,16 @@ def merge_safetensors(models: Sequence[str | os.PathLike], coefficients: Sequenc
     finally:
         for opened in (*inputs, *weight_source):
             opened.close()
+
+
+def _check_fisher_provenance(inputs: list[Checkpoint], fishers: Sequence[str | os.PathLike]) -> None:
+    for i, (checkpoint, path) in enumerate(zip(inputs, fishers)):
+        shapes = {n: checkpoint.shape(n) for n in checkpoint.keys()}
+        note = check_provenance(read_fisher_metadata(path),
+                                lambda names, c=checkpoint, s=shapes: fingerprint_reader(s, c.read, names),
+                                f"Fisher file {path}", f"model {i} ({checkpoint.path})")
+        if note:
+            warnings.warn(note, stacklevel=3)
 
 
 def _check_same_architecture(inputs: list[Checkpoint], names: list[str], target: int) -> None:

@@ -15,6 +15,7 @@ from lightning_merge.fisher.directions import VARIANTS, logit_directions
 from lightning_merge.fisher.io import save_fisher
 from lightning_merge.fisher.masks import MaskFisherEngine
 from lightning_merge.fisher.per_example import PerExampleSquaredGradients
+from lightning_merge.fisher.provenance import FINGERPRINT_KEY, fingerprint_tensors
 
 Variant = Literal["auto", "exact", "sampled", "empirical"]
 Kind = Literal["full", "mask"]
@@ -131,4 +132,5 @@ class FisherEstimationModule(pl.LightningModule):
             "dataset": f"{type(datamodule).__name__}:{hp.get('task', hp.get('source', ''))}",
             "split": str(hp.get("predict_split", "train")),
             "library_version": f"lightning_merge {lightning_merge.__version__}",
+            FINGERPRINT_KEY: fingerprint_tensors(dict(self.backbone.model.named_parameters())),
         }

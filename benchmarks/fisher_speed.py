@@ -158,7 +158,11 @@ def main() -> None:
                         help="no padding: every example fills all seq-len positions")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--rss-of", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--dry-run", action="store_true", help="check the arguments and exit (the docs test)")
     args = parser.parse_args()
+    if args.dry_run:
+        print(f"{Path(__file__).name}: arguments accepted: {vars(args)}")
+        return
     if args.rss_of:
         print(peak_rss_of(args.rss_of, args.num_classes, args.batch_size, args.seq_len, args.full_length))
         return

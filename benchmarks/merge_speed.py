@@ -174,7 +174,11 @@ def main() -> None:
     parser.add_argument("--select", type=int, default=128, help="selection examples (RTE validation)")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared/data/glue"))
     parser.add_argument("--json", default=None)
+    parser.add_argument("--dry-run", action="store_true", help="check the arguments and exit (the docs test)")
     args = parser.parse_args()
+    if args.dry_run:
+        print(f"{Path(__file__).name}: arguments accepted: {vars(args)}")
+        return
     result = merge_benchmarks(args.repeats)
     if (Path(args.data_dir) / "RTE").is_dir():
         result.update(search_benchmark(args.data_dir, args.grid, args.select))

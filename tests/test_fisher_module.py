@@ -1,6 +1,5 @@
 """Fisher estimation through `lightning-merge predict`, against the per-example loop; 1 vs 2 processes."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from lightning_merge.backbones import HFTextClassifier
 from lightning_merge.cli import main
 from lightning_merge.data import GlueDataModule
 from lightning_merge.fisher import load_fisher, read_fisher_metadata, save_fisher
+from tests.processes import run_in_group
 from tests.reference_fisher import reference_fisher_sums
 from tests.test_fisher_engine import assert_matches
 
@@ -66,9 +66,8 @@ def test_two_processes_equal_one(tiny_bert3, glue_dir, tmp_path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     main(["predict", "--config", fisher_config(tmp_path, tiny_bert3, glue_dir, one)])
     config = fisher_config(tmp_path, tiny_bert3, glue_dir, two)
-    run = subprocess.run([sys.executable, "-m", "lightning_merge.cli", "predict", "--config", config,
-                          "--trainer.devices", "2", "--trainer.strategy", "ddp"],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    run = run_in_group([sys.executable, "-m", "lightning_merge.cli", "predict", "--config", config,
+                        "--trainer.devices", "2", "--trainer.strategy", "ddp"], cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert read_fisher_metadata(two)["num_examples"] == N
     single, double = load_fisher(one), load_fisher(two)
@@ -105,7 +104,7 @@ def test_nan_fisher_is_not_written_and_old_file_survives(tmp_path):
 
 def test_fisher_preset_composes_with_a_data_config(capsys):
     with pytest.raises(SystemExit):
-        main(["predict", "--config", str(ROOT / "configs/data/glue_local.yaml"),
+        main(["predict", "--config", str(ROOT / "configs/data/glue.yaml"),
               "--config", str(ROOT / "configs/fisher/exact.yaml"), "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["inference_mode"] is False

@@ -2,7 +2,6 @@
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from lightning_merge.fisher import load_fisher
 from lightning_merge.merging import merge_bodies
 from lightning_merge.modules import MergeModule, ModelSpec
 from tests.fixtures import TINY_VIT, write_tiny_bert
+from tests.processes import run_in_group
 
 GLUE = "lightning_merge.data.GlueDataModule"
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def test_two_processes_report_what_one_does(pair, glue_dir, tmp_path):
                         "init_args": {**args, "output_dir": str(tmp_path / "two")}}}
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "lightning_merge.cli", "validate", "--config", str(tmp_path / "two.yaml")]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    run = run_in_group(command, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["results"] == one["results"] and two["search"] == one["search"]

@@ -21,7 +21,7 @@ pytestmark = [
 def test_minilm_fits_on_real_rte(tmp_path):
     cli = main(["fit", "--config", str(ROOT / "configs/trainer/cpu_smoke.yaml"),
                 "--config", str(ROOT / "configs/model/minilm.yaml"),
-                "--config", str(ROOT / "configs/data/glue_local.yaml"),
+                "--config", str(ROOT / "configs/data/glue.yaml"),
                 "--data.init_args.data_dir", str(RTE.parent), "--data.init_args.max_eval_examples", "64",
                 "--trainer.limit_train_batches", "8",
                 "--model.init_args.export_dir", str(tmp_path / "export"),

@@ -140,4 +140,6 @@ class FineTuneModule(pl.LightningModule):
     def _export(self) -> None:
         directory = self._export_directory()
         self.backbone.export(directory)
-        rank_zero_info(f"Exported the fine-tuned {self.backbone.family} model to {directory}")
+        logs = self.trainer.log_dir or self.trainer.default_root_dir
+        rank_zero_info(f"Exported the fine-tuned {self.backbone.family} model to {directory} (logs and checkpoints: "
+                       f"{logs})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -10,6 +11,7 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_merge
+from lightning_merge.atomic import check_writable
 from lightning_merge.backbones import Backbone
 from lightning_merge.fisher.directions import VARIANTS, logit_directions
 from lightning_merge.fisher.io import save_fisher
@@ -82,6 +84,8 @@ class FisherEstimationModule(pl.LightningModule):
         if torch.is_inference_mode_enabled():
             raise RuntimeError("Fisher estimation needs gradients: run predict with `--trainer.inference_mode "
                                "false` (trainer.inference_mode: false in YAML)")
+        if self.trainer.is_global_zero:  # found now, not after the whole estimation
+            check_writable(Path(self.hparams.output).parent, "Fisher file")
         self.backbone.eval()
         if self.hparams.kind == MASK:
             self.mask_sites = self.backbone.mask_sites()

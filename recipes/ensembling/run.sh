@@ -31,7 +31,7 @@ else
   for seed in $SEEDS; do
     paths+=("$OUT_DIR/seed$seed/export")
     done_already "$OUT_DIR/seed$seed/export/lightning_merge.json" "fine-tune seed $seed" && continue
-    lightning-merge fit --config "$MODEL_CONFIG" --config configs/data/glue_local.yaml \
+    lightning-merge fit --config "$MODEL_CONFIG" --config configs/data/glue.yaml \
       --config recipes/glue_intermediate_minilm/finetune.yaml --seed_everything "$seed" \
       --data.init_args.task "$TASK" --data.init_args.data_dir "$DATA_DIR" \
       --data.init_args.max_train_examples "$MAX_TRAIN_EXAMPLES" --data.init_args.seed "$seed" \
@@ -45,7 +45,7 @@ specs=""
 for i in "${!paths[@]}"; do
   out="$OUT_DIR/fisher/model$i.safetensors"
   if ! done_already "$out" "fisher model $i (${paths[$i]})"; then
-    lightning-merge predict --config configs/data/glue_local.yaml --config configs/fisher/exact.yaml \
+    lightning-merge predict --config configs/data/glue.yaml --config configs/fisher/exact.yaml \
       --model.init_args.backbone.init_args.name_or_path "${paths[$i]}" --model.init_args.output "$out" \
       --data.init_args.task "$TASK" --data.init_args.data_dir "$DATA_DIR" \
       --data.init_args.max_predict_examples "$FISHER_EXAMPLES" --trainer.default_root_dir "$OUT_DIR/fisher" \

@@ -26,7 +26,7 @@ HERE=recipes/glue_intermediate
 finetune() {  # finetune ROLE TASK
   done_already "$OUT_DIR/$1/export/lightning_merge.json" "fine-tune $1 ($2)" && return
   lightning-merge fit --config configs/trainer/default.yaml --config configs/model/bert_base.yaml \
-    --config configs/data/glue_local.yaml --config "$HERE/finetune.yaml" \
+    --config configs/data/glue.yaml --config "$HERE/finetune.yaml" \
     --data.init_args.task "$2" --data.init_args.data_dir "$DATA_DIR" \
     --model.init_args.backbone.init_args.num_labels "$(num_labels "$2")" \
     --model.init_args.backbone.init_args.reinit_head true \
@@ -34,7 +34,7 @@ finetune() {  # finetune ROLE TASK
 }
 fisher() {  # fisher ROLE MODEL TASK
   done_already "$OUT_DIR/fisher/$1.safetensors" "fisher $1 ($3)" && return
-  lightning-merge predict --config configs/data/glue_local.yaml --config configs/fisher/exact.yaml \
+  lightning-merge predict --config configs/data/glue.yaml --config configs/fisher/exact.yaml \
     --model.init_args.backbone.init_args.name_or_path "$2" --model.init_args.output "$OUT_DIR/fisher/$1.safetensors" \
     --data.init_args.task "$3" --data.init_args.data_dir "$DATA_DIR" \
     --data.init_args.max_predict_examples "$FISHER_EXAMPLES" --trainer.default_root_dir "$OUT_DIR/fisher" ${EXTRA_ARGS:-}

@@ -27,7 +27,7 @@ HERE=recipes/glue_intermediate_minilm
 
 finetune() {  # finetune ROLE TASK
   done_already "$OUT_DIR/$1/export/lightning_merge.json" "fine-tune $1 ($2)" && return
-  lightning-merge fit --config configs/model/minilm.yaml --config configs/data/glue_local.yaml \
+  lightning-merge fit --config configs/model/minilm.yaml --config configs/data/glue.yaml \
     --config "$HERE/finetune.yaml" \
     --data.init_args.task "$2" --data.init_args.data_dir "$DATA_DIR" \
     --data.init_args.max_train_examples "$MAX_TRAIN_EXAMPLES" \
@@ -38,7 +38,7 @@ finetune() {  # finetune ROLE TASK
 
 fisher() {  # fisher ROLE TASK
   done_already "$OUT_DIR/fisher/$1.safetensors" "fisher $1 ($2)" && return
-  lightning-merge predict --config configs/data/glue_local.yaml --config configs/fisher/exact.yaml \
+  lightning-merge predict --config configs/data/glue.yaml --config configs/fisher/exact.yaml \
     --model.init_args.backbone.init_args.name_or_path "$OUT_DIR/$1/export" \
     --model.init_args.output "$OUT_DIR/fisher/$1.safetensors" \
     --data.init_args.task "$2" --data.init_args.data_dir "$DATA_DIR" \

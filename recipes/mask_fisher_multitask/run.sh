@@ -26,7 +26,7 @@ FORCE=${FORCE:-0}
 
 for task in $TASKS; do
   done_already "$OUT_DIR/$task/export/lightning_merge.json" "fine-tune $task" && continue
-  lightning-merge fit --config "$MODEL_CONFIG" --config configs/data/glue_local.yaml \
+  lightning-merge fit --config "$MODEL_CONFIG" --config configs/data/glue.yaml \
     --config recipes/glue_intermediate_minilm/finetune.yaml \
     --data.init_args.task "$task" --data.init_args.data_dir "$DATA_DIR" \
     --data.init_args.max_train_examples "$MAX_TRAIN_EXAMPLES" \
@@ -42,7 +42,7 @@ for n in $FISHER_SIZES; do
       out="$OUT_DIR/fisher/$n/$task.$kind.safetensors"
       done_already "$out" "fisher $task $kind $n" && continue
       start=$(date +%s.%N)
-      lightning-merge predict --config configs/data/glue_local.yaml --config configs/fisher/exact.yaml \
+      lightning-merge predict --config configs/data/glue.yaml --config configs/fisher/exact.yaml \
         --model.init_args.backbone.init_args.name_or_path "$OUT_DIR/$task/export" --model.init_args.kind "$kind" \
         --model.init_args.output "$out" --data.init_args.task "$task" --data.init_args.data_dir "$DATA_DIR" \
         --data.init_args.max_predict_examples "$n" --trainer.default_root_dir "$OUT_DIR/fisher" \

@@ -107,6 +107,7 @@ COMPOSITIONS = {
     "trainer/cpu_smoke": ("fit", [*DIGITS_VIT, "configs/trainer/cpu_smoke.yaml"]),
     "model/bert_base": ("fit", ["configs/data/glue.yaml", "configs/model/bert_base.yaml"]),
     "fisher/exact": ("predict", ["configs/data/glue.yaml", "configs/fisher/exact.yaml"]),
+    "fisher/exact+images": ("predict", ["configs/data/digits.yaml", "configs/fisher/exact.yaml"]),
     "quickstart/pretrain": ("fit", [*DIGITS_VIT, "recipes/quickstart/pretrain.yaml"]),
     "quickstart/finetune_shifted": ("fit", [*DIGITS_VIT, "recipes/quickstart/finetune_shifted.yaml"]),
     "quickstart/finetune_noise": ("fit", [*DIGITS_VIT, "recipes/quickstart/finetune_noise.yaml"]),

@@ -38,6 +38,11 @@ def run_cli(monkeypatch, capfd, *args):
     (["predict", *DIGITS, "--config", str(ROOT / "configs/fisher/exact.yaml"),
       "--model.init_args.variant=exactly"], r"^error: .*\"variant\": expected one of"),
     (["fit", *VIT, *DIGITS, "--trainer.max_epochs=abc"], r"^error: .*\"trainer.max_epochs\": expected int"),
+    (["fit", "--config", str(ROOT / "configs/model/minilm.yaml"), "--config", str(ROOT / "configs/data/glue.yaml"),
+      "--model.init_args.backbone.init_args.name_or_path=/no/such/model"],
+     r"^error: /no/such/model: is not a local folder, nor a model the hub gives"),
+    (["validate", *MERGE, "--model.init_args.search=lightning_merge.merging.FixedCoefficients",
+      "--model.init_args.search.init_args.coefficients=[1, 2, 3]"], r"^error: FixedCoefficients: 3 coefficients for 2"),
 ])
 def test_input_errors_are_one_clear_line(monkeypatch, capfd, tmp_path, args, message):
     monkeypatch.chdir(tmp_path)

@@ -85,7 +85,7 @@ def test_bad_coefficients(coefficients, message):
 
 def test_bad_inputs_name_the_offending_tensors():
     a = {"x": torch.ones(2), "y": torch.ones(3)}
-    with pytest.raises(ValueError, match=r"only in model 0: \['y'\]"):
+    with pytest.raises(ValueError, match=r"1 tensors only in model 0 \(e.g. \['y'\]\)"):
         merge_bodies([a, {"x": torch.ones(2)}], [1, 1])
     with pytest.raises(ValueError, match="'y' has different shapes across models"):
         merge_bodies([a, {"x": torch.ones(2), "y": torch.ones(4)}], [1, 1])

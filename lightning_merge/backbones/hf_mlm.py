@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForMaskedLM
 
-from lightning_merge.backbones.hf_text import HFBackbone, resolve_model_location, text_inputs
+from lightning_merge.backbones.hf_text import HFBackbone, from_pretrained, text_inputs
 
 MASKED_POSITIONS = "masked_positions"  # (B, M) positions of the masked tokens, -1 where unused
 IGNORE = -100
@@ -31,7 +31,7 @@ class HFMaskedLM(HFBackbone):
     def __init__(self, name_or_path: str, tokenizer: str | None = None) -> None:
         super().__init__()
         self.name_or_path = name_or_path
-        self.model = AutoModelForMaskedLM.from_pretrained(resolve_model_location(name_or_path))
+        self.model = from_pretrained(AutoModelForMaskedLM, name_or_path)
         self._attach_tokenizer_and_head(tokenizer)
         heads = [m for n, m in self.model.named_children() if n != self.model.base_model_prefix]
         if len(heads) != 1:

@@ -30,6 +30,19 @@ def resolve_model_location(name_or_path: str) -> str:
     return str(location)
 
 
+def from_pretrained(loader, name_or_path: str, **kwargs):
+    """``loader.from_pretrained`` on a hub id, local folder or ``pkg:`` location, with an error that
+    names the location when there is no model there (transformers' own is a traceback about repo ids)."""
+    try:
+        return loader.from_pretrained(resolve_model_location(name_or_path), **kwargs)
+    except OSError as err:
+        local = Path(name_or_path).expanduser()
+        what = "folder has no Hugging Face checkpoint" if local.is_dir() else \
+            "is not a local folder, nor a model the hub gives (offline, or no such id)"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"{name_or_path}: {what} ({reason})") from err
+
+
 def text_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries of a batch a Hugging Face encoder takes (labels, indices and masks stay out)."""
     return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -43,7 +56,7 @@ class HFBackbone(Backbone):
     name_or_path: str
 
     def _attach_tokenizer_and_head(self, tokenizer: str | None) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(tokenizer or self.name_or_path))
+        self.tokenizer = from_pretrained(AutoTokenizer, tokenizer or self.name_or_path)
         prefix = self.model.base_model_prefix
         self.head_prefixes = tuple(sorted({n.split(".")[0] + "." for n, _ in self.model.named_parameters()
                                            if not n.startswith(prefix + ".")}))
@@ -73,11 +86,11 @@ class HFTextClassifier(HFBackbone):
                  reinit_head: bool = False) -> None:
         super().__init__()
         self.name_or_path = name_or_path
-        location = resolve_model_location(name_or_path)
         kwargs = {} if num_labels is None else {"num_labels": num_labels}
         try:
-            self.model, loading = AutoModelForSequenceClassification.from_pretrained(
-                location, ignore_mismatched_sizes=reinit_head, output_loading_info=True, **kwargs
+            self.model, loading = from_pretrained(
+                AutoModelForSequenceClassification, name_or_path, ignore_mismatched_sizes=reinit_head,
+                output_loading_info=True, **kwargs
             )
         except RuntimeError as err:
             if "mismatch" not in str(err):

@@ -141,8 +141,14 @@ class ImageDataModule(pl.LightningDataModule):
 
         if Path(hp.source).is_dir():
             ds = datasets.load_dataset("imagefolder", data_dir=hp.source)
+        elif hp.source.startswith((".", "/", "~")) or hp.source.count("/") > 1:
+            raise FileNotFoundError(f"ImageDataModule(source={hp.source!r}): no such image folder")
         else:
-            ds = datasets.load_dataset(hp.source)
+            try:
+                ds = datasets.load_dataset(hp.source)
+            except (FileNotFoundError, ConnectionError, OSError) as err:
+                raise FileNotFoundError(f"ImageDataModule(source={hp.source!r}): not an image folder, nor a data "
+                                        f"set the hub gives (offline, or no such name): {err}") from err
         for key, split, limit in (("train", hp.train_split, hp.max_train_examples),
                                   ("eval", hp.eval_split, hp.max_eval_examples)):
             if split not in ds:

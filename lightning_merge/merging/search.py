@@ -25,12 +25,15 @@ class FixedCoefficients(CoefficientSearch):
 
     def __init__(self, coefficients: Sequence[float] | None = None) -> None:
         self.coefficients = None if coefficients is None else [float(c) for c in coefficients]
+        if self.coefficients is not None and (min(self.coefficients) < 0 or sum(self.coefficients) <= 0):
+            raise ValueError(f"FixedCoefficients(coefficients={self.coefficients}): coefficients must be >= 0 and "
+                             f"not all zero")
 
     def candidates(self, num_models, target=0):
         if self.coefficients is None:
             return [[1.0 / num_models] * num_models]
         if len(self.coefficients) != num_models:
-            raise ValueError(f"{len(self.coefficients)} coefficients for {num_models} models")
+            raise ValueError(f"FixedCoefficients: {len(self.coefficients)} coefficients for {num_models} models")
         total = sum(self.coefficients)
         if total <= 0 or min(self.coefficients) < 0:
             raise ValueError(f"coefficients must be >= 0 and not all zero, got {self.coefficients}")

@@ -23,8 +23,9 @@ def shared_body_names(states: Sequence[dict[str, torch.Tensor]], head_names: set
     for i, body in enumerate(bodies[1:], start=1):
         if body != bodies[0]:
             only_first, only_other = sorted(bodies[0] - body), sorted(body - bodies[0])
-            raise ValueError(f"Models 0 and {i} have different architectures: only in model 0: {only_first[:5]}, "
-                             f"only in model {i}: {only_other[:5]}")
+            parts = [f"{len(names)} tensors only in model {k} (e.g. {names[:3]})"
+                     for k, names in ((0, only_first), (i, only_other)) if names]
+            raise ValueError(f"Models 0 and {i} have different architectures: {'; '.join(parts)}")
     names = sorted(bodies[0])
     for name in names:
         shapes = [tuple(s[name].shape) for s in states]

@@ -155,6 +155,9 @@ class MergeModule(pl.LightningModule):
                 raise ValueError(f"{method.name} needs `{method.fisher_field}` for every model; models {missing} "
                                  f"({[self.specs[i].path for i in missing]}) have none")
         self.search = search or FixedCoefficients()
+        self.search.candidates(len(models), target)  # a wrong count is found now, before any model is loaded
+        if export_method is not None and export_method not in names:
+            raise ValueError(f"MergeModule(export_method={export_method!r}): not one of the methods {names}")
         self.select_examples, self.report, self.baselines = select_examples, report, baselines
         self.output_dir, self.export_dir, self.export_method, self.plot = output_dir, export_dir, export_method, plot
         self.backbones = nn.ModuleList()

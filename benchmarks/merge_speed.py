@@ -1,10 +1,12 @@
-"""Merge speed and memory, measured side by side in one run (issue 4 targets).
+"""Merge speed and memory, measured side by side in one run.
 
-1. In-memory Fisher merge (eq. 4) of two BERT-base-sized models (110M parameters, random values) with
-   the flat, cache-blocked kernel, against the memory-bandwidth bound measured here: bytes read and
-   written by the merge ÷ the bandwidth of a large tensor copy. The per-tensor state-dict merge is
-   timed too, for reference.
-2. The same merge streamed from safetensors files to a file: wall time and peak RSS beyond the
+1. In-memory merges of two BERT-base-sized models (110M parameters, random values) through the merge
+   driver (flat buffers, pieces that stay in cache), against the memory-bandwidth bound measured here:
+   bytes read and written by the merge ÷ the bandwidth of a large tensor copy. Fisher (eq. 4: reads
+   2 θ + 2 F, writes θ*), task arithmetic, TIES and DARE (read 2 θ + θ_0, write θ*). TIES is timed from
+   scratch (its two histogram passes that find each model's top-k threshold, then the merge:
+   ``ties_s``) and per further λ (``ties_merge_s``). The per-tensor state-dict merge is timed too.
+2. Each method streamed from safetensors files to a file: wall time and peak RSS beyond the
    interpreter's baseline (in a fresh subprocess), against the size of one model.
 3. A coefficient search (grid) through MergeModule on the real MiniLM checkpoint and RTE validation
    data, against plain inference (inference mode, length-sorted batches) over the same examples: the
@@ -62,15 +64,19 @@ def median_time(fn, repeats: int) -> float:
 STREAM_CHILD = """
 import json, re, sys, time
 import torch
-from lightning_merge.merging import FisherMerge, merge_safetensors
+from lightning_merge import merging
 hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
-a, b, fa, fb, out = sys.argv[1:6]
+a, b, fa, fb, theta0, out, method, kwargs = sys.argv[1:9]
+method = getattr(merging, method)(**json.loads(kwargs))
 base = hwm()
 start = time.perf_counter()
-merge_safetensors([a, b], [0.3, 0.7], out, FisherMerge(), [fa, fb])
+inputs = {"fisher": [fa, fb]} if method.model_inputs else None
+merging.merge_safetensors([a, b], [0.3, 0.7], out, method, inputs=inputs, base=theta0, check_provenance=False)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "base_kb": base, "peak_kb": hwm()}))
 """
+METHODS = {"fisher": ("FisherMerge", {}), "ta": ("TaskArithmetic", {}), "ties": ("TiesMerging", {"top_k": 20}),
+           "dare": ("DareMerge", {"drop_rate": 0.9})}
 
 
 def _in_memory_times(merger, repeats: int) -> tuple[float, float]:
@@ -83,7 +89,7 @@ def merge_benchmarks(repeats: int) -> dict:
     from safetensors.torch import save_file
 
     from lightning_merge.fisher import save_fisher
-    from lightning_merge.merging import FisherMerge, FlatMerger, merge_bodies
+    from lightning_merge.merging import merge_bodies
 
     shapes = {k: torch.Size(v) for k, v in bert_base_shapes().items()}
     g = torch.Generator().manual_seed(0)
@@ -92,9 +98,32 @@ def merge_benchmarks(repeats: int) -> dict:
     numel = sum(s.numel() for s in shapes.values())
     model_bytes = numel * 4
 
-    merge_s, copy_s = _in_memory_times(FlatMerger.from_states(FisherMerge(), states, shapes, fishers), repeats)
+    from lightning_merge import merging
+
+    layout = merging.FlatLayout(shapes)
+    thetas = [layout.flatten(st) for st in states]
+    theta0 = layout.flatten({k: (states[0][k] + states[1][k]) / 2 for k in shapes})
+    fisher_inputs = {"fisher": fishers}
+    out = torch.empty(layout.numel)
+
+    def flat(name, inputs=None):
+        cls, kwargs = METHODS[name]
+        return merging.FlatMerger(getattr(merging, cls)(**kwargs), thetas, layout, inputs, {"base": theta0}, out=out)
+
+    fisher = flat("fisher", fisher_inputs)
+    merge_s = median_time(lambda: fisher([0.3, 0.7]), repeats)
+    dst = torch.empty_like(thetas[0])
+    copy_s = median_time(lambda: dst.copy_(thetas[0]), repeats)
     bandwidth = 2 * model_bytes / copy_s  # a copy reads and writes each byte once
     bound_s = (4 * model_bytes + model_bytes) / bandwidth  # read 2 θ + 2 F, write θ*
+    tv_bound_s = (3 * model_bytes + model_bytes) / bandwidth  # read 2 θ + θ_0, write θ*
+    ta = flat("ta")
+    ta_s = median_time(lambda: ta([0.3, 0.7]), repeats)
+    dare = flat("dare")
+    dare_s = median_time(lambda: dare([0.3, 0.7]), repeats)
+    ties_s = median_time(lambda: flat("ties")([0.3, 0.7]), max(1, repeats // 2))  # from scratch: thresholds too
+    ties = flat("ties")
+    ties_merge_s = median_time(lambda: ties([0.3, 0.7]), repeats)
     per_tensor_s = median_time(lambda: merge_bodies(states, [0.3, 0.7], fishers), max(1, repeats // 2))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,17 +132,27 @@ def merge_benchmarks(repeats: int) -> dict:
             save_file(states[i], f"{tmp}/m{i}.safetensors")
             save_fisher(f"{tmp}/f{i}.safetensors", fishers[i], {"num_examples": 1, "variant": "exact"})
             paths.append(f"{tmp}/m{i}.safetensors")
+        save_file(layout.unflatten(theta0), f"{tmp}/base.safetensors")
         run = lambda code, *args: json.loads(subprocess.run(  # noqa: E731
             [sys.executable, "-c", code, *args], check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        child = run(STREAM_CHILD, paths[0], paths[1], f"{tmp}/f0.safetensors", f"{tmp}/f1.safetensors",
-                    f"{tmp}/out.safetensors")
+        streamed = {name: run(STREAM_CHILD, paths[0], paths[1], f"{tmp}/f0.safetensors", f"{tmp}/f1.safetensors",
+                              f"{tmp}/base.safetensors", f"{tmp}/out.safetensors", cls, json.dumps(kwargs))
+                    for name, (cls, kwargs) in METHODS.items()}
     # Growth of the merging process's peak beyond its own baseline (interpreter, torch, the package).
-    beyond_mb = (child["peak_kb"] - child["base_kb"]) / 1024
-    return {"num_parameters": numel, "model_mb": model_bytes / 2**20, "merge_s": merge_s, "bound_s": bound_s,
-            "merge_over_bound": merge_s / bound_s, "copy_bandwidth_gb_s": bandwidth / 1e9,
-            "per_tensor_merge_s": per_tensor_s, "streamed_merge_s": child["seconds"],
-            "streamed_peak_rss_mb": beyond_mb, "interpreter_rss_mb": child["base_kb"] / 1024,
-            "streamed_rss_over_model": beyond_mb / (model_bytes / 2**20)}
+    beyond = {name: (child["peak_kb"] - child["base_kb"]) / 1024 for name, child in streamed.items()}
+    model_mb = model_bytes / 2**20
+    result = {"num_parameters": numel, "model_mb": model_mb, "merge_s": merge_s, "bound_s": bound_s,
+              "merge_over_bound": merge_s / bound_s, "copy_bandwidth_gb_s": bandwidth / 1e9,
+              "tv_bound_s": tv_bound_s, "ta_s": ta_s, "ta_over_bound": ta_s / tv_bound_s, "dare_s": dare_s,
+              "dare_over_bound": dare_s / tv_bound_s, "ties_s": ties_s, "ties_over_bound": ties_s / tv_bound_s,
+              "ties_merge_s": ties_merge_s, "ties_merge_over_bound": ties_merge_s / tv_bound_s,
+              "per_tensor_merge_s": per_tensor_s, "streamed_merge_s": streamed["fisher"]["seconds"],
+              "streamed_peak_rss_mb": beyond["fisher"], "interpreter_rss_mb": streamed["fisher"]["base_kb"] / 1024,
+              "streamed_rss_over_model": beyond["fisher"] / model_mb}
+    for name in METHODS:
+        result[f"streamed_{name}_s"] = streamed[name]["seconds"]
+        result[f"streamed_{name}_rss_over_model"] = beyond[name] / model_mb
+    return result
 
 
 class LoopTimer(Callback):
@@ -187,11 +226,22 @@ def main() -> None:
     rows = [("in-memory Fisher merge, 2 × 110M", f"{result['merge_s']:.3f} s",
              f"{result['merge_over_bound']:.2f}× the bound ({result['bound_s']:.3f} s at "
              f"{result['copy_bandwidth_gb_s']:.1f} GB/s); target ≤ 3×"),
+            ("in-memory task arithmetic", f"{result['ta_s']:.3f} s",
+             f"{result['ta_over_bound']:.2f}× the bound ({result['tv_bound_s']:.3f} s); target ≤ 3×"),
+            ("in-memory DARE (p = 0.9)", f"{result['dare_s']:.3f} s",
+             f"{result['dare_over_bound']:.2f}× the bound; target ≤ 3×"),
+            ("in-memory TIES (k = 20%), from scratch", f"{result['ties_s']:.3f} s",
+             f"{result['ties_over_bound']:.2f}× the bound (2 histogram passes + merge); target ≤ 6×"),
+            ("  each further λ of the same TIES", f"{result['ties_merge_s']:.3f} s",
+             f"{result['ties_merge_over_bound']:.2f}× the bound"),
             ("per-tensor state-dict merge", f"{result['per_tensor_merge_s']:.3f} s",
              f"{result['per_tensor_merge_s'] / result['bound_s']:.1f}× the bound (reference path)"),
             ("streamed merge (files → file)", f"{result['streamed_merge_s']:.3f} s",
              f"peak RSS +{result['streamed_peak_rss_mb']:.0f} MB = {result['streamed_rss_over_model']:.2f}× one "
              f"model ({result['model_mb']:.0f} MB); target ≤ 0.5×")]
+    for name in ("ta", "ties", "dare"):
+        rows.append((f"streamed {name}", f"{result[f'streamed_{name}_s']:.3f} s",
+                     f"peak RSS {result[f'streamed_{name}_rss_over_model']:.2f}× one model; target ≤ 0.5×"))
     if "search_eval_ex_per_s" in result:
         rows.append(("search evaluation (MiniLM, RTE)", f"{result['search_eval_ex_per_s']:.1f} ex/s",
                      f"{result['search_over_inference']:.2f}× plain inference ({result['inference_ex_per_s']:.1f} "

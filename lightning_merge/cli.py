@@ -35,6 +35,7 @@ Fisher-weighted model merging as Lightning stages; every stage is one subcommand
   predict    estimate statistics      model: FisherEstimationModule (full or mask-node Fisher)
   validate   merge and evaluate       model: MergeModule (coefficient search, held-out scores, export)
   test       merge and evaluate on the test split
+  merge      merge checkpoints file to file, streamed (no evaluation): merge_checkpoints
 
 Project classes (choose them by class_path in YAML):
   data modules:     {_names(_data, LightningDataModule)}
@@ -86,9 +87,31 @@ class LightningMergeCLI(LightningCLI):
                                      LightningDataModule, subclasses=True)
 
 
+MERGE_STAGE = "merge"
+
+
+def merge_files(args: Sequence[str]):
+    """``lightning-merge merge --config FILE.yaml``: :func:`~lightning_merge.merging.merge_checkpoints`
+    with its arguments from YAML or flags (``--help`` lists them), e.g. two checkpoints larger than memory."""
+    from jsonargparse import ArgumentParser
+
+    from lightning_merge.merging.streaming import merge_checkpoints
+
+    parser = ArgumentParser(prog="lightning-merge merge", description=merge_checkpoints.__doc__.split("\n")[0],
+                            exit_on_error=False, formatter_class=_HelpFormatter)
+    parser.add_argument("--config", action="config")
+    parser.add_function_arguments(merge_checkpoints)
+    config = parser.parse_args(list(args))
+    init = parser.instantiate_classes(config)
+    return merge_checkpoints(**{k: v for k, v in init.items() if k != "config"})
+
+
 def main(args: Sequence[str] | None = None) -> LightningMergeCLI:
     """Entry point of the console script; tests call it with an argument list."""
     quiet.install()
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == [MERGE_STAGE]:
+        return merge_files(argv[1:])
     # exit_on_error=False: a parse error is raised (and printed as one line by console_main), not
     # printed after fifty lines of usage.
     common = {"formatter_class": _HelpFormatter, "exit_on_error": False}
@@ -174,7 +197,7 @@ def console_main() -> None:
 
 
 def _subcommand() -> str:
-    return next((a for a in sys.argv[1:] if a in STAGE_HELP), "")
+    return next((a for a in sys.argv[1:] if a in STAGE_HELP or a == MERGE_STAGE), "")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ COMPOSITIONS = {
     "model/bert_base": ("fit", ["configs/data/glue.yaml", "configs/model/bert_base.yaml"]),
     "fisher/exact": ("predict", ["configs/data/glue.yaml", "configs/fisher/exact.yaml"]),
     "fisher/exact+images": ("predict", ["configs/data/digits.yaml", "configs/fisher/exact.yaml"]),
+    "merge/streamed_fisher": ("merge", ["configs/merge/streamed_fisher.yaml"]),
     "quickstart/pretrain": ("fit", [*DIGITS_VIT, "recipes/quickstart/pretrain.yaml"]),
     "quickstart/finetune_shifted": ("fit", [*DIGITS_VIT, "recipes/quickstart/finetune_shifted.yaml"]),
     "quickstart/finetune_noise": ("fit", [*DIGITS_VIT, "recipes/quickstart/finetune_noise.yaml"]),
@@ -146,6 +147,9 @@ def test_every_yaml_composes_through_the_cli(name, capsys):
         main([*args, "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
+    if subcommand == "merge":  # streamed merging: a method and the files, no Lightning module
+        assert printed["method"]["class_path"].startswith("lightning_merge.merging.")
+        return
     assert printed["model"]["class_path"].startswith("lightning_merge.modules.")
     if printed["model"]["class_path"].endswith("MergeModule"):  # per-model data, no top-level data
         specs = printed["model"]["init_args"]["models"]

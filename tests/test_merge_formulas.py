@@ -90,9 +90,9 @@ def test_bad_inputs_name_the_offending_tensors():
     with pytest.raises(ValueError, match="'y' has different shapes across models"):
         merge_bodies([a, {"x": torch.ones(2), "y": torch.ones(4)}], [1, 1])
     good = {"x": torch.ones(2), "y": torch.ones(3)}
-    with pytest.raises(KeyError, match=r"model 1 has no Fisher for \['y'\]"):
+    with pytest.raises(KeyError, match=r"model 1 fisher has no entry for \['y'\]"):
         merge_bodies([a, a], [1, 1], [good, {"x": torch.ones(2)}])
     for bad, what in ((float("nan"), "NaN or Inf"), (-1.0, "negative")):
         broken = {"x": torch.tensor([1.0, bad]), "y": torch.ones(3)}
-        with pytest.raises(ValueError, match=f"model 0: Fisher of 'x' has {what}"):
+        with pytest.raises(ValueError, match=f"model 0 fisher: 'x' has {what}"):
             merge_bodies([a, a], [1, 1], [broken, good])

@@ -7,14 +7,16 @@ from safetensors.torch import load_file, save_file
 from lightning_merge.backbones import load_backbone
 from lightning_merge.fisher import save_fisher
 from lightning_merge.merging import (
+    DareMerge,
     DirichletSearch,
     FisherMerge,
     FixedCoefficients,
     FlatMerger,
     GridSearch,
     IsotropicMerge,
+    TaskArithmetic,
+    TiesMerging,
     formulas,
-    load_merge_weights,
     merge_bodies,
     merge_safetensors,
 )
@@ -40,26 +42,49 @@ def models_and_fishers(tmp_path, n=3, zero_fisher_at=None):
     return paths, fishers, states, fisher_states
 
 
-@pytest.mark.parametrize("method", [IsotropicMerge(), FisherMerge(), FisherMerge(normalize=True),
-                                    FisherMerge(fallback="isotropic")], ids=repr)
+def write_base(tmp_path, states):
+    g = torch.Generator().manual_seed(7)
+    base = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in states[0].items()}
+    base["a.weight"].view(-1)[:3] = states[0]["a.weight"].view(-1)[:3]  # τ = 0 entries: ties at zero
+    save_file(base, tmp_path / "base.safetensors")
+    return tmp_path / "base.safetensors", base
+
+
+METHODS = [IsotropicMerge(), FisherMerge(), FisherMerge(normalize=True), FisherMerge(fallback="isotropic"),
+           TaskArithmetic(), TiesMerging(top_k=30), TiesMerging(top_k=30, per_tensor=True),
+           DareMerge(drop_rate=0.5, seed=3), DareMerge(drop_rate=0.5, combine="ties", top_k=50)]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: f"{m.name}-{id(m) % 997}")
 def test_streamed_equals_in_memory_bit_for_bit(tmp_path, monkeypatch, method):
-    monkeypatch.setattr(formulas, "CPU_CHUNK", 6)  # chunk boundaries fall inside tensors, differently in each path
+    monkeypatch.setattr(formulas, "CPU_CHUNK", 6)  # the kernels' cache blocks fall inside tensors and pieces
     paths, fisher_paths, states, fishers = models_and_fishers(tmp_path, zero_fisher_at="a.weight")
+    base_path, base = write_base(tmp_path, states)
     lam = [0.2, 0.5, 0.3]
-    out = merge_safetensors(paths, lam, tmp_path / "merged.safetensors", method, fisher_paths, keep=["head."],
-                            target=1, chunk_elements=4)
+    inputs = {"fisher": fisher_paths} if method.model_inputs else None
+    out = merge_safetensors(paths, lam, tmp_path / "merged.safetensors", method, keep=["head."], target=1,
+                            chunk_elements=4, inputs=inputs, base=base_path)
     streamed = load_file(out)
     body = {k: torch.Size(s) for k, s in SHAPES.items() if not k.startswith("head")}
-    in_memory = FlatMerger.from_states(method, states, body, fishers if method.fisher_field else None, target=1)(lam)
+    memory_inputs = {"fisher": fishers} if method.model_inputs else None
+    in_memory = FlatMerger.from_states(method, states, body, memory_inputs, {"base": base}, target=1, chunk=4)(lam)
     for name in body:
         assert torch.equal(streamed[name], in_memory[name]), name
     assert torch.equal(streamed["head.weight"], states[1]["head.weight"])  # the target's head, not averaged
-    # ... and both equal the per-tensor state-dict merge (the formula's reference path)
-    reference = merge_bodies(states, lam, fishers if method.fisher_field else None, head_names={"head.weight"},
-                             target=1, normalize=getattr(method, "normalize", False),
-                             fallback=getattr(method, "fallback", "target"))
-    for name in body:
-        torch.testing.assert_close(streamed[name], reference[name], rtol=1e-6, atol=1e-7)
+    if not getattr(method, "normalize", False):  # element-wise methods do not depend on the piece size either
+        default = FlatMerger.from_states(method, states, body, memory_inputs, {"base": base}, target=1)(lam)
+        assert all(torch.equal(default[n], in_memory[n]) for n in body)
+
+
+def test_fisher_paths_match_the_state_dict_merge(tmp_path):
+    paths, fisher_paths, states, fishers = models_and_fishers(tmp_path, zero_fisher_at="a.weight")
+    for method in (FisherMerge(), FisherMerge(normalize=True), FisherMerge(fallback="isotropic")):
+        streamed = load_file(merge_safetensors(paths, [0.2, 0.5, 0.3], tmp_path / "m.safetensors", method,
+                                               fisher_paths, keep=["head."], target=1))
+        reference = merge_bodies(states, [0.2, 0.5, 0.3], fishers, head_names={"head.weight"}, target=1,
+                                 normalize=method.normalize, fallback=method.fallback)
+        for name in reference:
+            torch.testing.assert_close(streamed[name], reference[name], rtol=1e-6, atol=1e-7)
 
 
 def test_mask_fisher_streams_like_in_memory(tmp_path):
@@ -73,8 +98,7 @@ def test_mask_fisher_streams_like_in_memory(tmp_path):
     method = FisherMerge(fisher="mask_fisher")
     out = load_file(merge_safetensors(paths, [0.5, 0.5], tmp_path / "o.safetensors", method, masks, keep=["head."]))
     body = {k: torch.Size(s) for k, s in SHAPES.items() if not k.startswith("head")}
-    weights = [load_merge_weights(m, body, "m") for m in masks]
-    expected = FlatMerger.from_states(method, states, body, weights)([0.5, 0.5])
+    expected = FlatMerger.from_states(method, states, body, {"mask_fisher": masks})([0.5, 0.5])
     for name in body:
         assert torch.equal(out[name], expected[name])
     # row r of the gated layer: (m_0r θ_0r + m_1r θ_1r) / (m_0r + m_1r); the other layer (weight 1): the mean
@@ -122,7 +146,7 @@ def test_bad_inputs_name_the_problem(tmp_path):
         merge_safetensors([paths[0], tmp_path / "wide.safetensors"], [1, 1], out, IsotropicMerge(), keep=["head."])
     save_fisher(tmp_path / "partial.safetensors", {"a.weight": fishers[0]["a.weight"]}, {"num_examples": 1,
                                                                                        "variant": "exact"})
-    with pytest.raises(KeyError, match="model 1 .* has no Fisher for"):
+    with pytest.raises(KeyError, match="model 1 fisher .* has no entry for"):
         merge_safetensors(paths, [1, 1], out, FisherMerge(), [fisher_paths[0], tmp_path / "partial.safetensors"],
                           keep=["head."])
     truncated = tmp_path / "truncated.safetensors"

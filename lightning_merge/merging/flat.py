@@ -1,6 +1,5 @@
-"""In-memory merging for coefficient searches: every model as one flat buffer, so each candidate ``λ``
-is a single cache-blocked pass over memory (:mod:`lightning_merge.merging.formulas`), not hundreds of
-small per-tensor op chains."""
+"""In-memory merging for coefficient searches: every model as one flat buffer, each candidate ``λ`` a
+pass of the merge driver over views of those buffers (no copies), into one output buffer."""
 
 from __future__ import annotations
 
@@ -8,8 +7,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from lightning_merge.merging.formulas import normalize_coefficients
-from lightning_merge.merging.methods import MergeMethod
+from lightning_merge.merging.base import MergeMethod
+from lightning_merge.merging.driver import CHUNK, MergePlan
+from lightning_merge.merging.tensors import MemoryTensors
 
 
 class FlatLayout:
@@ -36,34 +36,53 @@ class FlatLayout:
 
 
 class FlatMerger:
-    """``method`` bound to M models' flat parameter buffers ``thetas`` (laid out by ``layout``);
+    """``method`` bound to M models' flat buffers ``thetas`` (laid out by ``layout``) and the inputs it
+    declares (per-model ``inputs``: statistics files or tensors; ``shared``: flat buffers, e.g. ``base``);
     ``merger(λ)`` returns the merged tensors as views of one output buffer, overwritten by the next call.
-    Several methods can share the same ``thetas`` and, when their results are used one at a time, the
-    same ``out`` buffer."""
+    Several methods can share the same ``thetas`` and ``out`` when their results are used one at a time.
+
+    ``states`` (each model's full parameters, head included) let statistics files be checked against
+    the model they were estimated on; without them that check is skipped.
+    """
 
     def __init__(self, method: MergeMethod, thetas: Sequence[torch.Tensor], layout: FlatLayout,
-                 weights: Sequence[Mapping[str, torch.Tensor]] | None = None, target: int = 0,
-                 out: torch.Tensor | None = None) -> None:
-        if method.fisher_field is not None and weights is None:
-            raise ValueError(f"{method.name} needs per-model Fishers")
-        self.method, self.target, self.layout, self.thetas = method, target, layout, list(thetas)
-        self.weights = None if method.fisher_field is None else [layout.flatten(w) for w in weights]
-        self.scales = method.scales(weights) if self.weights is not None else None
+                 inputs: Mapping[str, Sequence] | None = None, shared: Mapping[str, torch.Tensor] | None = None,
+                 target: int = 0, out: torch.Tensor | None = None,
+                 states: Sequence[Mapping[str, torch.Tensor]] | None = None,
+                 check_provenance: bool | Sequence[bool] = True, chunk: int = CHUNK,
+                 labels: Sequence[str] | None = None) -> None:
+        self.method, self.layout, self.target = method, layout, target
+        self.thetas, self.shared = list(thetas), dict(shared or {})
         self.out = torch.empty(layout.numel, dtype=torch.float32) if out is None else out
+        labels = labels or [f"model {i}" for i in range(len(self.thetas))]
+        models = [MemoryTensors({**(states[i] if states else {}), **layout.unflatten(t)}, labels[i])
+                  for i, t in enumerate(self.thetas)]
+        self.plan = MergePlan(method, models, layout.names, inputs=inputs, target=target, in_memory=True,
+                              shared={k: MemoryTensors(layout.unflatten(v), k) for k, v in self.shared.items()},
+                              check_provenance=check_provenance if states is not None else False, chunk=chunk)
 
     @classmethod
     def from_states(cls, method: MergeMethod, states: Sequence[Mapping[str, torch.Tensor]],
-                    shapes: Mapping[str, torch.Size], weights=None, target: int = 0) -> FlatMerger:
+                    shapes: Mapping[str, torch.Size], inputs=None, shared=None, target: int = 0,
+                    chunk: int = CHUNK) -> FlatMerger:
         layout = FlatLayout(shapes)
-        return cls(method, [layout.flatten(s) for s in states], layout, weights, target)
+        return cls(method, [layout.flatten(s) for s in states], layout, inputs,
+                   {k: layout.flatten(v) for k, v in (shared or {}).items()}, target, chunk=chunk)
 
     def to(self, device: torch.device | str) -> FlatMerger:
+        """Move every buffer the merges read and write (models, shared and per-model inputs, output)."""
         self.thetas = [t.to(device) for t in self.thetas]
-        self.weights = None if self.weights is None else [w.to(device) for w in self.weights]
+        self.shared = {k: v.to(device) for k, v in self.shared.items()}
         self.out = self.out.to(device)
+        self.plan.models = [MemoryTensors(self.layout.unflatten(t), m.label)
+                            for t, m in zip(self.thetas, self.plan.models)]
+        self.plan.shared = {k: MemoryTensors(self.layout.unflatten(v), k) for k, v in self.shared.items()}
+        for readers in self.plan.inputs.values():
+            for reader in readers:
+                reader.to(device)
         return self
 
     def __call__(self, coefficients: Sequence[float]) -> dict[str, torch.Tensor]:
-        lam = normalize_coefficients(coefficients, len(self.thetas))
-        self.method.merge_tensor(self.thetas, self.weights, lam, self.target, self.scales, out=self.out)
+        flat = {n: v.view(-1) for n, v in self.layout.unflatten(self.out).items()}
+        self.plan.run(coefficients, lambda name, a, b: flat[name][a:b])
         return self.layout.unflatten(self.out)

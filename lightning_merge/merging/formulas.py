@@ -16,6 +16,7 @@ same whatever the chunking: a merge streamed from files equals one done in memor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -24,16 +25,25 @@ TARGET, ISOTROPIC = "target", "isotropic"
 CPU_CHUNK = 1 << 19  # elements; 2 MiB per fp32 temporary: the few of them stay in cache
 
 
-def normalize_coefficients(coefficients: Sequence[float], num_models: int) -> torch.Tensor:
-    """Check ``λ`` (count, ≥ 0, not all zero, finite) and scale it to sum to 1."""
-    lam = torch.as_tensor(list(coefficients), dtype=torch.float64)
-    if lam.numel() != num_models:
-        raise ValueError(f"{lam.numel()} merging coefficients for {num_models} models")
-    if not torch.isfinite(lam).all() or (lam < 0).any():
-        raise ValueError(f"merging coefficients must be finite and >= 0, got {lam.tolist()}")
-    if lam.sum() <= 0:
+def check_coefficients(coefficients: Sequence[float], num_models: int, normalize: bool = True) -> list[float]:
+    """``λ``: one per model, finite, ≥ 0, not all zero; scaled to sum 1 when ``normalize`` (the convex
+    weights of an average; task-vector scales are used as given)."""
+    lam = [float(c) for c in coefficients]
+    if len(lam) != num_models:
+        raise ValueError(f"{len(lam)} merging coefficients for {num_models} models")
+    if not all(math.isfinite(c) and c >= 0 for c in lam):
+        raise ValueError(f"merging coefficients must be finite and >= 0, got {lam}")
+    if sum(lam) <= 0:
         raise ValueError("merging coefficients are all zero")
-    return lam / lam.sum()
+    if normalize:
+        total = math.fsum(lam)
+        lam = [c / total for c in lam]
+    return lam
+
+
+def normalize_coefficients(coefficients: Sequence[float], num_models: int) -> torch.Tensor:
+    """:func:`check_coefficients` as a float64 tensor summing to 1."""
+    return torch.tensor(check_coefficients(coefficients, num_models), dtype=torch.float64)
 
 
 def _chunks(numel: int, device: torch.device):
@@ -43,8 +53,8 @@ def _chunks(numel: int, device: torch.device):
         yield slice(start, min(start + step, numel))
 
 
-def _prepare(tensors: Sequence[torch.Tensor], coefficients: torch.Tensor, out: torch.Tensor | None):
-    lam = coefficients.tolist()
+def _prepare(tensors: Sequence[torch.Tensor], coefficients: torch.Tensor | Sequence[float], out: torch.Tensor | None):
+    lam = coefficients.tolist() if isinstance(coefficients, torch.Tensor) else [float(c) for c in coefficients]
     active = [i for i, c in enumerate(lam) if c]
     if out is None:
         out = torch.empty_like(tensors[0])
@@ -137,9 +147,3 @@ def fisher_merge(tensors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor
     return out
 
 
-def fisher_global_norm(fisher: dict[str, torch.Tensor]) -> float:
-    """``‖F‖₂`` over every entry of one model's Fisher (for ``normalize=True``)."""
-    total = sum(float(f.double().pow(2).sum()) for f in fisher.values())
-    if total <= 0:
-        raise ValueError("the Fisher is zero everywhere: it cannot be normalized")
-    return total**0.5

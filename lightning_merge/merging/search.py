@@ -1,7 +1,9 @@
-"""Which merging coefficients to try: fixed, a grid for two models, Dirichlet samples for N models.
+"""Which merging coefficients to try: fixed, a grid for two models, Dirichlet samples for N models
+(convex weights of an average), and scale grids for task-vector methods.
 
-Candidates are plain lists of ``λ`` (one per model, ``λ_i ≥ 0``, ``Σ λ_i = 1``), in the order of the
-model specs. Chosen by ``class_path`` in YAML.
+Candidates are plain lists of ``λ`` (one per model, ``λ_i ≥ 0``), in the order of the model specs;
+averaging methods normalize them to sum 1, task-vector methods use them as scales. Chosen by
+``class_path`` in YAML.
 """
 
 from __future__ import annotations
@@ -73,3 +75,30 @@ class DirichletSearch(CoefficientSearch):
         rng = np.random.default_rng(self.seed)
         drawn = rng.dirichlet([self.alpha] * num_models, size=self.samples - 1).tolist()
         return [[1.0 / num_models] * num_models, *drawn]
+
+
+class ScaleSearch(CoefficientSearch):
+    """Scales of task vectors (task arithmetic, TIES, DARE): ``λ`` is not a convex weight but how far
+    to move from the pre-trained model. By default one shared scale ``λ_i = λ`` on ``values`` (the task
+    arithmetic paper's 0.05…1 grid, extended to 1.5); with ``per_model``, every combination of
+    per-model scales from ``values`` when there are at most ``samples`` of them, else ``samples``
+    seeded draws (the shared-scale candidates always come first)."""
+
+    def __init__(self, values: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5),
+                 per_model: bool = False, samples: PositiveInt = 256, seed: int = 0) -> None:
+        self.values = [float(v) for v in values]
+        if not self.values or min(self.values) < 0 or max(self.values) <= 0:
+            raise ValueError(f"ScaleSearch(values={self.values}): scales must be >= 0, with one > 0")
+        self.per_model, self.samples, self.seed = per_model, samples, seed
+
+    def candidates(self, num_models, target=0):
+        shared = [[v] * num_models for v in self.values if v > 0]
+        if not self.per_model:
+            return shared
+        if len(self.values) ** num_models <= self.samples:
+            grid = np.array(np.meshgrid(*[self.values] * num_models, indexing="ij")).reshape(num_models, -1).T
+            drawn = [list(map(float, row)) for row in grid if row.sum() > 0]
+        else:
+            rng = np.random.default_rng(self.seed)
+            drawn = rng.choice(self.values, size=(self.samples, num_models)).tolist()
+        return shared + [c for c in drawn if c not in shared and sum(c) > 0]

@@ -1,23 +1,18 @@
-"""Merging whole models' bodies (state dicts in, state dict out), with the checks that catch
-mismatched inputs before any arithmetic. Task heads are never merged: each task keeps its own."""
+"""Merging whole models' bodies, state dicts in and out. Task heads are never merged: each task keeps
+its own."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from lightning_merge.merging.formulas import (
-    TARGET,
-    fisher_global_norm,
-    fisher_merge,
-    isotropic_merge,
-    normalize_coefficients,
-)
+from lightning_merge.merging.base import MergeMethod
+from lightning_merge.merging.driver import MergePlan, merged_state
+from lightning_merge.merging.tensors import MemoryTensors
 
 
-def shared_body_names(states: Sequence[dict[str, torch.Tensor]], head_names: set[str] = frozenset()) -> list[str]:
+def shared_body_names(states: Sequence[Mapping[str, torch.Tensor]], head_names: set[str] = frozenset()) -> list[str]:
     """The names every model has outside its head, after checking they agree in keys and shapes."""
     bodies = [set(s) - set(head_names) for s in states]
     for i, body in enumerate(bodies[1:], start=1):
@@ -34,46 +29,31 @@ def shared_body_names(states: Sequence[dict[str, torch.Tensor]], head_names: set
     return names
 
 
-def check_fisher(fisher: dict[str, torch.Tensor], names: Sequence[str], shapes: dict[str, torch.Size],
-                 label: str) -> None:
-    """Every name present, shape right, finite and ≥ 0 — or an error naming the offending tensors."""
-    missing = [n for n in names if n not in fisher]
-    if missing:
-        raise KeyError(f"{label} has no Fisher for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    for name in names:
-        f = fisher[name]
-        if not f.dtype.is_floating_point:
-            raise ValueError(f"{label}: Fisher of {name!r} has dtype {f.dtype}; a Fisher is a mean of squares, "
-                             f"stored as floats")
-        if tuple(f.shape) != tuple(shapes[name]):
-            raise ValueError(f"{label}: Fisher of {name!r} has shape {tuple(f.shape)}, the parameter "
-                             f"{tuple(shapes[name])}")
-        if f.numel() and float(f.min()) >= 0 and math.isfinite(float(f.sum())):
-            continue  # fast path without temporaries: ≥ 0 everywhere and a finite sum means no NaN/Inf
-        if not torch.isfinite(f).all():
-            raise ValueError(f"{label}: Fisher of {name!r} has NaN or Inf entries")
-        if (f < 0).any():
-            raise ValueError(f"{label}: Fisher of {name!r} has negative entries")
-
-
-def merge_bodies(states: Sequence[dict[str, torch.Tensor]], coefficients: Sequence[float],
-                 fishers: Sequence[dict[str, torch.Tensor]] | None = None, *, head_names: set[str] = frozenset(),
-                 floor: float = 1e-6, fallback: str = TARGET, target: int = 0,
-                 normalize: bool = False) -> dict[str, torch.Tensor]:
-    """Merge the shared bodies of ``states``: isotropic without ``fishers``, eq. 4 with them."""
-    if len(states) < 2:
-        raise ValueError(f"merging needs at least 2 models, got {len(states)}")
-    if not 0 <= target < len(states):
-        raise ValueError(f"target index {target} out of range for {len(states)} models")
-    lam = normalize_coefficients(coefficients, len(states))
+def merge_state_dicts(method: MergeMethod, states: Sequence[Mapping[str, torch.Tensor]],
+                      coefficients: Sequence[float], inputs: Mapping[str, Sequence] | None = None,
+                      shared: Mapping[str, Mapping[str, torch.Tensor]] | None = None, *,
+                      head_names: set[str] = frozenset(), target: int = 0) -> dict[str, torch.Tensor]:
+    """Merge the shared bodies of ``states`` with ``method``: ``inputs`` are its per-model inputs (state
+    dicts or statistics files, one per model), ``shared`` its shared ones (e.g. ``base``: a state dict)."""
     names = shared_body_names(states, head_names)
+    models = [MemoryTensors(s, f"model {i}") for i, s in enumerate(states)]
+    plan = MergePlan(method, models, names, inputs=inputs, target=target, check_provenance=False,
+                     shared={k: MemoryTensors(v, k) for k, v in (shared or {}).items()})
+    try:
+        return merged_state(plan, coefficients)
+    finally:
+        plan.close()
+
+
+def merge_bodies(states: Sequence[Mapping[str, torch.Tensor]], coefficients: Sequence[float],
+                 fishers: Sequence[Mapping[str, torch.Tensor]] | None = None, *, head_names: set[str] = frozenset(),
+                 floor: float = 1e-6, fallback: str = "target", target: int = 0,
+                 normalize: bool = False) -> dict[str, torch.Tensor]:
+    """Isotropic merge of the shared bodies without ``fishers``, eq. 4 with them."""
+    from lightning_merge.merging.methods import FisherMerge, IsotropicMerge
+
     if fishers is None:
-        return {n: isotropic_merge([s[n] for s in states], lam) for n in names}
-    if len(fishers) != len(states):
-        raise ValueError(f"{len(fishers)} Fishers for {len(states)} models")
-    shapes = {n: states[0][n].shape for n in names}
-    for i, fisher in enumerate(fishers):
-        check_fisher(fisher, names, shapes, f"model {i}")
-    scales = [1.0 / fisher_global_norm({n: f[n] for n in names}) for f in fishers] if normalize else None
-    return {n: fisher_merge([s[n] for s in states], [f[n] for f in fishers], lam, floor, fallback, target, scales)
-            for n in names}
+        return merge_state_dicts(IsotropicMerge(), states, coefficients, head_names=head_names, target=target)
+    method = FisherMerge(floor=floor, fallback=fallback, normalize=normalize)
+    return merge_state_dicts(method, states, coefficients, {"fisher": list(fishers)}, head_names=head_names,
+                             target=target)

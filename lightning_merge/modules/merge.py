@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -24,86 +23,41 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_merge.atomic import check_writable
-from lightning_merge.backbones import load_backbone
 from lightning_merge.data.batch import EXAMPLE_INDEX, LABELS
 from lightning_merge.evaluation.ensemble import ensemble_outputs
 from lightning_merge.evaluation.results import write_completion_marker, write_results
-from lightning_merge.fisher.io import read_fisher_metadata
-from lightning_merge.fisher.provenance import check_provenance, fingerprint_tensors
+from lightning_merge.evaluation.selection import (
+    BEST,
+    ENSEMBLE,
+    HELDOUT,
+    SELECT,
+    UNMERGED,
+    best_candidate,
+    plan_candidates,
+    result_tables,
+    split_selection,
+)
+from lightning_merge.merging.base import BASE, CONVEX, MergeMethod
 from lightning_merge.merging.flat import FlatLayout, FlatMerger
-from lightning_merge.merging.methods import FisherMerge, IsotropicMerge, MergeMethod
-from lightning_merge.merging.search import CoefficientSearch, FixedCoefficients
-from lightning_merge.merging.state_dicts import shared_body_names
+from lightning_merge.merging.methods import FisherMerge, IsotropicMerge
+from lightning_merge.merging.search import CoefficientSearch, FixedCoefficients, ScaleSearch
+from lightning_merge.modules.model_pool import LEGACY_INPUTS, ModelPool, ModelSpec, input_under, rooted, under
 
-UNMERGED, ENSEMBLE = "unmerged", "ensemble"
-SELECT, HELDOUT, FULL = "select", "heldout", "full"
-BEST, ALL = "best", "all"
-
-
-@dataclass
-class ModelSpec:
-    """One model taking part in a merge.
-
-    Attributes:
-        path: an export directory of a fine-tune stage (or any folder ``load_backbone`` reads).
-        fisher / mask_fisher: Fisher files of this model (for ``FisherMerge(fisher=...)``).
-        data: the data module of this model's task; models with data are evaluated (under their own
-            head), the others only contribute parameters (e.g. an intermediate-task donor).
-        task: models with the same task share a label space: their heads are merged too, and they
-            form the output ensemble. Default: the model's ``name``.
-        name: labels this model's evaluation in result columns. Default: the data's task (GLUE) or
-            source and shift (images), else the folder name.
-        family: how to load ``path`` when it has no export manifest (``hf_text``, ``hf_mlm``,
-            ``timm_vit``; default ``hf_text``), e.g. ``hf_mlm`` for a domain-adapted masked LM.
-        allow_missing: this model lacks some of the other models' body tensors (a masked LM has no
-            pooler); those are kept from each evaluated model instead of being an architecture error.
-        check_provenance: refuse statistics files whose recorded model fingerprint is not this
-            model's (set ``false`` only to pair a model with another checkpoint's statistics on purpose).
-    """
-
-    path: str
-    fisher: str | None = None
-    mask_fisher: str | None = None
-    data: pl.LightningDataModule | None = None
-    task: str | None = None
-    name: str | None = None
-    family: str | None = None
-    allow_missing: bool = False
-    check_provenance: bool = True
-
-
-def _under(root: str, path: str | None) -> str | None:
-    return None if path is None else str(Path(root) / path)  # an absolute `path` stays as it is
-
-
-def _input_under(root: str, path: str | None) -> str | None:
-    """An input under ``root`` if it is there; otherwise as given (a hub id such as
-    ``textattack/bert-base-uncased-MNLI``, or a path relative to the working directory)."""
-    rooted = _under(root, path)
-    return rooted if rooted is not None and Path(rooted).exists() else path
-
-
-def _rooted(spec: ModelSpec, root: str) -> ModelSpec:
-    return replace(spec, path=_input_under(root, spec.path), fisher=_input_under(root, spec.fisher),
-                   mask_fisher=_input_under(root, spec.mask_fisher))
-
-
-@dataclass
-class _Candidate:
-    method: str
-    coefficients: list[float] | None  # None for baselines
-    units: list[tuple[int, int, str]] = field(default_factory=list)  # (spec, eval set, part)
-    resolved_from: str | None = None  # "best of <method>": coefficients chosen at run time
+__all__ = ["MergeModule", "ModelSpec"]
 
 
 class MergeModule(pl.LightningModule):
-    """Merge ``models`` with each of ``methods`` over ``search``'s coefficients and evaluate.
+    """Merge ``models`` with each of ``methods`` over their coefficient candidates and evaluate.
 
     Args:
         models: the model specs (2..N), the ``target`` among them (index).
         methods: merge methods (default: isotropic, plus Fisher when every model has ``fisher``,
-            plus mask Fisher when every model has ``mask_fisher``).
-        search: coefficient candidates (default: equal weights).
+            plus mask Fisher when every model has ``mask_fisher``). Each reads what it declares: its
+            per-model inputs from the specs, ``base`` from here.
+        base: the pre-trained model the others were fine-tuned from (task arithmetic, TIES, DARE).
+        search: coefficient candidates of averaging methods (default: equal weights).
+        scale_search: coefficient candidates of task-vector methods, whose ``λ`` are scales
+            (default: :class:`ScaleSearch`, one shared scale from 0.1 to 1.5).
         select_examples: how many evaluation examples (from the start of each task's set) select the
             coefficients; a value below 1 is a fraction of the set. The rest is the held-out part.
         report: ``best`` (each method's selected candidate gets held-out and other-set scores) or
@@ -113,49 +67,41 @@ class MergeModule(pl.LightningModule):
         output_dir: where ``results.csv/json``, ``search.csv`` and the plots go.
         export_dir: export the best merged model there (in its native format), chosen by selection
             score among ``export_method`` (default: all methods).
-        root_dir: relative paths are taken relative to it (models and Fishers when they exist there,
-            so hub ids still work; always ``output_dir`` and ``export_dir``), so a recipe's config can
-            name its stages' outputs and a run can move them.
+        root_dir: relative paths are taken relative to it (models, base and statistics when they exist
+            there, so hub ids still work; always ``output_dir`` and ``export_dir``), so a recipe's config
+            can name its stages' outputs and a run can move them.
     """
 
-    def __init__(self, models: list[ModelSpec], methods: list[MergeMethod] | None = None,
-                 search: CoefficientSearch | None = None, target: NonNegativeInt = 0,
-                 select_examples: PositiveFloat = 2048, report: Literal["best", "all"] = BEST,
+    def __init__(self, models: list[ModelSpec], methods: list[MergeMethod] | None = None, base: str | None = None,
+                 search: CoefficientSearch | None = None, scale_search: CoefficientSearch | None = None,
+                 target: NonNegativeInt = 0, select_examples: PositiveFloat = 2048,
+                 report: Literal["best", "all"] = BEST,
                  baselines: list[Literal["unmerged", "ensemble"]] | None = None, output_dir: str = "merge_results",
                  export_dir: str | None = None, export_method: str | None = None, plot: bool = True,
                  root_dir: str | None = None) -> None:
         super().__init__()
         if root_dir is not None:
-            models = [_rooted(spec, root_dir) for spec in models]
-            output_dir, export_dir = _under(root_dir, output_dir), _under(root_dir, export_dir)
+            models = [rooted(spec, root_dir) for spec in models]
+            output_dir, export_dir = under(root_dir, output_dir), under(root_dir, export_dir)
+            base = input_under(root_dir, base)
         if len(models) < 2:
             raise ValueError(f"merging needs at least 2 models, got {len(models)}")
         if not 0 <= target < len(models):
             raise ValueError(f"MergeModule(target={target}): out of range for {len(models)} models "
                              f"(0..{len(models) - 1})")
-        if report not in (BEST, ALL):
-            raise ValueError(f"report must be {BEST!r} or {ALL!r}, got {report!r}")
         baselines = [UNMERGED, ENSEMBLE] if baselines is None else list(baselines)
-        unknown = [b for b in baselines if b not in (UNMERGED, ENSEMBLE)]
-        if unknown:
-            raise ValueError(f"Unknown baselines {unknown}; choose from {[UNMERGED, ENSEMBLE]}")
-        if select_examples <= 0:
-            raise ValueError(f"select_examples must be > 0, got {select_examples}")
         if not any(spec.data is not None for spec in models):
             raise ValueError("no model has `data`: give the evaluation data of at least one model's task")
-        self.specs, self.target = list(models), target
+        self.specs, self.target, self.base = list(models), target, base
         self.methods = list(methods) if methods is not None else self._default_methods()
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ValueError(f"merge methods need distinct names, got {names}")
-        for method in self.methods:
-            field_name = method.fisher_field
-            missing = [i for i, s in enumerate(self.specs) if field_name and not getattr(s, field_name)]
-            if missing:
-                raise ValueError(f"{method.name} needs `{method.fisher_field}` for every model; models {missing} "
-                                 f"({[self.specs[i].path for i in missing]}) have none")
+        self._check_declared_inputs()
         self.search = search or FixedCoefficients()
-        self.search.candidates(len(models), target)  # a wrong count is found now, before any model is loaded
+        self.scale_search = scale_search or ScaleSearch()
+        for method in self.methods:  # a wrong count is found now, before any model is loaded
+            self._search_of(method).candidates(len(models), target)
         if export_method is not None and export_method not in names:
             raise ValueError(f"MergeModule(export_method={export_method!r}): not one of the methods {names}")
         self.select_examples, self.report, self.baselines = select_examples, report, baselines
@@ -165,12 +111,26 @@ class MergeModule(pl.LightningModule):
 
     def _default_methods(self) -> list[MergeMethod]:
         methods: list[MergeMethod] = [IsotropicMerge()]
-        for field_name in ("fisher", "mask_fisher"):
-            if all(getattr(s, field_name) for s in self.specs):
-                methods.append(FisherMerge(fisher=field_name))
+        for key in LEGACY_INPUTS:
+            if all(s.input(key) for s in self.specs):
+                methods.append(FisherMerge(fisher=key))
         return methods
 
-    # -- set-up: models, Fishers, evaluation sets --------------------------------------------------
+    def _check_declared_inputs(self) -> None:
+        for method in self.methods:
+            for key in method.model_inputs:
+                missing = [i for i, s in enumerate(self.specs) if not s.input(key)]
+                if missing:
+                    raise ValueError(f"{method.name} needs `{key}` for every model; models {missing} "
+                                     f"({[self.specs[i].path for i in missing]}) have none")
+            if BASE in method.shared_inputs and self.base is None:
+                raise ValueError(f"{method.name} needs `base`: the pre-trained model the merged models were "
+                                 f"fine-tuned from (MergeModule(base=...))")
+
+    def _search_of(self, method: MergeMethod) -> CoefficientSearch:
+        return self.search if method.coefficients == CONVEX else self.scale_search
+
+    # -- set-up: models, statistics, evaluation sets ------------------------------------------------
     def setup(self, stage: str) -> None:
         if self._prepared:
             return
@@ -179,15 +139,12 @@ class MergeModule(pl.LightningModule):
             if self.export_dir:
                 check_writable(Path(self.export_dir).parent, "merged model")
         self.stage = stage
-        self.backbones = nn.ModuleList(load_backbone(s.path, s.family) for s in self.specs)
-        for backbone in self.backbones:
-            backbone.requires_grad_(False).eval()
-        self.names = self._names()
-        self.tasks = [s.task or name for s, name in zip(self.specs, self.names)]
-        self.evaluated = [i for i, s in enumerate(self.specs) if s.data is not None]
+        pool = ModelPool(self.specs, self.target, self.base)
+        self.backbones = nn.ModuleList(pool.backbones)
+        self.names, self.tasks, self.evaluated = pool.names, pool.tasks, pool.evaluated
         for i in self.evaluated:
             self._setup_data(i, stage)
-        self._setup_merge()
+        self._setup_merge(pool)
         self._plan()
         self._release_unused_models()
         self._prepared = True
@@ -202,19 +159,6 @@ class MergeModule(pl.LightningModule):
             if j not in needed:
                 self.backbones[j] = nn.Identity()
 
-    def _names(self) -> list[str]:
-        names = []
-        for spec in self.specs:
-            name = spec.name
-            if name is None and spec.data is not None:
-                task = getattr(spec.data, "task", None)
-                hp = getattr(spec.data, "hparams", {})
-                name = getattr(task, "name", None) or "_".join(
-                    str(x) for x in (hp.get("source"), hp.get("train_shift")) if x)
-            names.append(name or Path(spec.path).name)
-        # Evaluated names must not collide: they key the result columns.
-        return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
     def _setup_data(self, i: int, stage: str) -> None:
         data, backbone = self.specs[i].data, self.backbones[i]
         data.attach_model(backbone)
@@ -225,95 +169,58 @@ class MergeModule(pl.LightningModule):
         preprocessing = getattr(data, "preprocessing", None)
         backbone.describe_task(getattr(data, "label_names", None), preprocessing() if callable(preprocessing) else None)
 
-    def _setup_merge(self) -> None:
-        """Flat buffers of every model's merged tensors, shared by all methods."""
-        shared_task = len(set(self.tasks)) == 1
-        head_names = set() if shared_task else {n for b in self.backbones for n in b.head_parameter_names()}
-        states = [{n: p.detach() for n, p in b.model.named_parameters()} for b in self.backbones]
-        names = self._merged_names(states, head_names)
-        shapes = {n: states[self.target][n].shape for n in names}
-        self.layout = FlatLayout(shapes)
-        self.thetas = [self.layout.flatten(s) for s in states]
+    def _setup_merge(self, pool: ModelPool) -> None:
+        """Flat buffers of every model's merged tensors, shared by all methods, and one merge plan per
+        method (its declared inputs validated and read once)."""
+        self.layout = FlatLayout({n: pool.states[self.target][n].shape for n in pool.merged_names})
+        self.thetas = [self.layout.flatten(s) for s in pool.states]
+        base = pool.base_state() if any(BASE in m.shared_inputs for m in self.methods) else None
+        shared = {} if base is None else {BASE: self._flatten_base(base)}
         # One output buffer for all methods: candidates are merged (and copied out) one at a time.
         self.merged = torch.empty(self.layout.numel, dtype=torch.float32)
-        self._check_provenance(states)
         self.mergers = {}
         for method in self.methods:
-            weights = None
-            if method.fisher_field is not None:
-                weights = [method.load_weights(getattr(s, method.fisher_field), shapes, f"model {i}")
-                           for i, s in enumerate(self.specs)]
-            self.mergers[method.name] = FlatMerger(method, self.thetas, self.layout, weights, self.target,
-                                                   out=self.merged)
-        rank_zero_info(f"Merging {len(names)} tensors ({self.layout.numel / 1e6:.1f}M values) of {len(self.specs)} "
-                       f"models with {[m.name for m in self.methods]}"
-                       f"{'' if shared_task else '; each task keeps its own head'}")
+            inputs = {key: pool.inputs(key) for key in method.model_inputs}
+            self.mergers[method.name] = FlatMerger(
+                method, self.thetas, self.layout, inputs, {k: v for k, v in shared.items() if k in
+                                                           method.shared_inputs},
+                self.target, out=self.merged, states=pool.states,
+                check_provenance=[s.check_provenance for s in self.specs],
+                labels=[f"model {i} ({s.path})" for i, s in enumerate(self.specs)])
+        rank_zero_info(f"Merging {len(self.layout.names)} tensors ({self.layout.numel / 1e6:.1f}M values) of "
+                       f"{len(self.specs)} models with {[m.name for m in self.methods]}"
+                       f"{'' if pool.shared_task else '; each task keeps its own head'}")
 
-    def _check_provenance(self, states) -> None:
-        """Each statistics file must come from the model it is paired with (its recorded fingerprint)."""
-        fields = {m.fisher_field for m in self.methods if m.fisher_field is not None}
-        for i, spec in enumerate(self.specs):
-            for field_name in sorted(fields):
-                path = getattr(spec, field_name)
-                if not spec.check_provenance or path is None:
-                    continue
-                note = check_provenance(read_fisher_metadata(path), lambda names, s=states[i]: fingerprint_tensors(
-                    {n: s[n] for n in names if n in s}), f"{field_name} file {path}", f"model {i} ({spec.path})")
-                if note:
-                    rank_zero_warn(note)
-
-    def _merged_names(self, states, head_names) -> list[str]:
-        partial = [i for i, spec in enumerate(self.specs) if spec.allow_missing]
-        if not partial:
-            return shared_body_names(states, head_names)
-        complete = [s for i, s in enumerate(states) if i not in partial]
-        names = shared_body_names(complete, head_names) if len(complete) > 1 else \
-            sorted(set(complete[0]) - set(head_names))
-        kept = sorted(n for n in names if any(n not in states[i] for i in partial))
-        names = [n for n in names if n not in kept]
-        if not names:
-            raise ValueError("the models share no body tensor: nothing to merge")
-        for i in partial:
-            wrong = [n for n in names if states[i][n].shape != states[self.target][n].shape]
-            if wrong:
-                raise ValueError(f"Model {i} ({self.specs[i].path}) differs in shape: {wrong[:5]}")
-        if kept:
-            rank_zero_info(f"Not in every model, kept as they are: {kept[:8]}{' ...' if len(kept) > 8 else ''}")
-        return names
-
-    def _split(self, i: int) -> tuple[list[int], list[int], list[list[int]]]:
-        data = self.specs[i].data
-        n = data.eval_size(0, self.stage)
-        k = int(self.select_examples) if self.select_examples >= 1 else int(round(self.select_examples * n))
-        k = min(max(k, 1), n)
-        if k == n:
-            rank_zero_warn(f"{self.names[i]}: all {n} evaluation examples select the coefficients, none is held "
-                           f"out; the held-out score is empty and the full score is optimistic "
-                           f"(lower select_examples)")
-        others = [list(range(data.eval_size(s, self.stage))) for s in range(1, len(data.eval_set_names))]
-        return list(range(k)), list(range(k, n)), others
+    def _flatten_base(self, base: dict[str, torch.Tensor]) -> torch.Tensor:
+        missing = [n for n in self.layout.names if n not in base]
+        wrong = [n for n in self.layout.names if n in base and base[n].shape != self.layout.shapes[n]]
+        if missing or wrong:
+            raise ValueError(f"base {self.base} does not match the merged models: it lacks {missing[:5]} and differs "
+                             f"in shape at {wrong[:5]}")
+        return self.layout.flatten(base)
 
     def _plan(self) -> None:
         """The candidates and, in dataloader order, what each evaluation dataloader evaluates."""
-        self.splits = {i: self._split(i) for i in self.evaluated}
-        sets = {i: len(self.specs[i].data.eval_set_names) for i in self.evaluated}
-        selection = [(i, 0, SELECT) for i in self.evaluated]
-        rest = [(i, 0, HELDOUT) for i in self.evaluated if self.splits[i][1]]
-        rest += [(i, s, FULL) for i in self.evaluated for s in range(1, sets[i])]
-        self.candidates: list[_Candidate] = []
-        for baseline in self.baselines:
-            if baseline == ENSEMBLE and all(self.tasks.count(self.tasks[i]) < 2 for i in self.evaluated):
-                rank_zero_info("No output-ensemble baseline: no evaluated task has two models (set `task` to "
-                               "mark models that share a label space)")
-                continue
-            self.candidates.append(_Candidate(baseline, None, selection + rest))
-        coefficient_sets = self.search.candidates(len(self.specs), self.target)
-        for method in self.methods:
-            for lam in coefficient_sets:
-                self.candidates.append(_Candidate(method.name, lam, selection + (rest if self.report == ALL else [])))
-        if self.report == BEST and rest:
-            for method in self.methods:
-                self.candidates.append(_Candidate(method.name, None, rest, resolved_from=method.name))
+        self.splits = {}
+        for i in self.evaluated:
+            data = self.specs[i].data
+            n = data.eval_size(0, self.stage)
+            select, heldout = split_selection(n, self.select_examples)
+            if not heldout:
+                rank_zero_warn(f"{self.names[i]}: all {n} evaluation examples select the coefficients, none is "
+                               f"held out; the held-out score is empty and the full score is optimistic "
+                               f"(lower select_examples)")
+            others = [list(range(data.eval_size(s, self.stage))) for s in range(1, len(data.eval_set_names))]
+            self.splits[i] = (select, heldout, others)
+        baselines = list(self.baselines)
+        if ENSEMBLE in baselines and all(self.tasks.count(self.tasks[i]) < 2 for i in self.evaluated):
+            rank_zero_info("No output-ensemble baseline: no evaluated task has two models (set `task` to "
+                           "mark models that share a label space)")
+            baselines.remove(ENSEMBLE)
+        self.candidates = plan_candidates(
+            [(m.name, self._search_of(m).candidates(len(self.specs), self.target)) for m in self.methods],
+            baselines, self.evaluated, {i: len(self.specs[i].data.eval_set_names) for i in self.evaluated},
+            {i: bool(self.splits[i][1]) for i in self.evaluated}, self.report)
         self.loader_units = [(c, unit) for c, cand in enumerate(self.candidates) for unit in cand.units]
         self._loaded: dict[int, int | str] = {}
         self._new_run()
@@ -349,10 +256,12 @@ class MergeModule(pl.LightningModule):
     on_test_start = on_validation_start
 
     def _to_device(self) -> None:
+        if self.merged.device == self.device:
+            return
         self.thetas = [t.to(self.device) for t in self.thetas]
         self.merged = self.merged.to(self.device)
-        for merger in self.mergers.values():
-            merger.thetas, merger.out = self.thetas, self.merged  # shared: moved once, not per method
+        for merger in self.mergers.values():  # the shared buffers are moved once, not per method
+            merger.thetas, merger.out = self.thetas, self.merged
             merger.to(self.device)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -429,46 +338,13 @@ class MergeModule(pl.LightningModule):
         return self._selection_scores[c]
 
     def _best(self, method: str) -> int:
-        """The candidate of ``method`` with the highest selection score (the first one on ties)."""
-        pool = [c for c, cand in enumerate(self.candidates) if cand.method == method and cand.resolved_from is None]
-        scores = [self._selection_score(c) for c in pool]
-        return pool[max(range(len(pool)), key=lambda k: (not math.isnan(scores[k]), scores[k], -k))]
-
-    def _row(self, c: int, rest: int | None = None) -> dict[str, object]:
-        """Reported numbers of candidate ``c``; ``rest`` is the candidate that scored its held-out and
-        other sets (its own run after selection), if not ``c`` itself."""
-        rest = c if rest is None else rest
-        cand = self.candidates[c]
-        row: dict[str, object] = {"method": cand.method, "coefficients": cand.coefficients}
-        selection, heldout, full = [], [], []
-        for i in self.evaluated:
-            task = self.names[i]
-            selection.append(self._metrics(i, 0, [(c, SELECT)])["score"])
-            heldout.append(self._metrics(i, 0, [(rest, HELDOUT)])["score"])
-            values = self._metrics(i, 0, [(c, SELECT), (rest, HELDOUT)])
-            full.append(values["score"])
-            row.update({f"{task}/{k}": v for k, v in values.items()})
-            for s, set_name in enumerate(self.specs[i].data.eval_set_names[1:], start=1):
-                row.update({f"{task}/{set_name}/{k}": v for k, v in self._metrics(i, s, [(rest, FULL)]).items()})
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        row.update(selection_score=mean(selection), heldout_score=mean(heldout), full_score=mean(full))
-        return row
+        return best_candidate(self.candidates, method, self._selection_score)
 
     def _results(self) -> tuple[list[dict], list[dict]]:
-        searched = [c for c, cand in enumerate(self.candidates) if cand.method not in self.baselines
-                    and cand.resolved_from is None]
-        search = [{"method": self.candidates[c].method, "coefficients": self.candidates[c].coefficients,
-                   "selection_score": self._selection_score(c)} for c in searched]
-        rows = [self._row(c) for c, cand in enumerate(self.candidates) if cand.method in self.baselines]
-        for method in self.methods:
-            pool = [c for c, cand in enumerate(self.candidates) if cand.method == method.name
-                    and cand.resolved_from is None]
-            if self.report == ALL:
-                rows += [self._row(c) for c in pool]
-            else:
-                rest = next((c for c, cand in enumerate(self.candidates) if cand.resolved_from == method.name), None)
-                rows.append(self._row(self._best(method.name), rest))
-        return search, rows
+        return result_tables(self.candidates, [m.name for m in self.methods], self.baselines, self.report,
+                             self.evaluated, self.names,
+                             {i: self.specs[i].data.eval_set_names for i in self.evaluated},
+                             lambda i, s, parts: self._metrics(i, s, parts), self._selection_score)
 
     def _finish(self) -> None:
         search, rows = self._results()

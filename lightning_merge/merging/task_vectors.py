@@ -1,0 +1,165 @@
+"""Task-vector merges: task arithmetic, TIES and DARE. Each reads the pre-trained ``base`` model
+(a shared input) and works on task vectors ``τ_i = θ_i − θ_0``; the coefficients are scales ``λ_i ≥ 0``
+used as given (not normalized), one per model (a shared scale ``λ`` is ``λ_i = λ`` for all ``i``).
+
+Everything here is element-wise within a piece, plus one global pass for TIES' top-k thresholds,
+so a streamed merge equals an in-memory one bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Literal
+
+import torch
+from jsonargparse.typing import restricted_number_type
+
+from lightning_merge.merging.base import BASE, SCALE, MergeMethod, Piece
+
+Percent = restricted_number_type("Percent", float, [(">", 0), ("<=", 100)], join="and")
+DropRate = restricted_number_type("DropRate", float, [(">=", 0), ("<", 1)], join="and")
+
+_M32 = 0xFFFFFFFF
+_HI_BINS, _LO_BINS = 1 << 15, 1 << 16  # float32 bits of |τ| ≥ 0: 15 high bits (sign is 0), 16 low bits
+
+
+def dare_keep(name: str, start: int, stop: int, model: int, seed: int, drop_rate: float) -> torch.Tensor:
+    """Which entries ``[start, stop)`` of tensor ``name`` of model ``model`` DARE keeps (probability
+    ``1 − p``): a 32-bit hash of (seed, model, name, element index) compared with ``p · 2³²``. It depends
+    on nothing else — not on how a merge slices the tensor — so every path draws the same mask."""
+    key = (seed * 0x9E3779B1 + (model + 1) * 0x85EBCA77 + zlib.crc32(name.encode())) & _M32
+    x = torch.arange(start, stop, dtype=torch.int64).bitwise_xor_(key).bitwise_and_(_M32)
+    x = x.bitwise_xor_(x >> 16).mul_(0x7FEB352D).bitwise_and_(_M32)
+    x = x.bitwise_xor_(x >> 15).mul_(0x846CA68B).bitwise_and_(_M32)
+    x = x.bitwise_xor_(x >> 16)
+    return x >= int(drop_rate * 2**32)
+
+
+def _top_bin(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The bin holding the ``rank``-th largest element (1-based) of a histogram in ascending bin order,
+    and that element's rank within the bin."""
+    from_top = torch.flip(hist, [0]).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor([rank], dtype=from_top.dtype))[0])
+    above = int(from_top[j - 1]) if j > 0 else 0
+    return len(hist) - 1 - j, rank - above
+
+
+class _TaskVectorMerge(MergeMethod):
+    """What task arithmetic, TIES and DARE share: task vectors from ``base``, DARE's drop and rescale
+    (``drop_rate > 0``), TIES' trim, elect and disjoint mean (``top_k`` given), or their plain sum."""
+
+    shared_inputs = (BASE,)
+    coefficients = SCALE
+
+    def __init__(self, name: str, top_k: float | None = None, per_tensor: bool = False, drop_rate: float = 0.0,
+                 seed: int = 0) -> None:
+        if top_k is not None and not 0 < top_k <= 100:
+            raise ValueError(f"{type(self).__name__}(top_k={top_k}): a percentage in (0, 100]")
+        if not 0 <= drop_rate < 1:
+            raise ValueError(f"{type(self).__name__}(drop_rate={drop_rate}): a probability in [0, 1)")
+        super().__init__(name)
+        self.top_k, self.per_tensor, self.drop_rate, self.seed = top_k, per_tensor, drop_rate, seed
+        self.thresholds: dict[tuple[int, str | None], float] = {}
+
+    def task_vectors(self, piece: Piece) -> list[torch.Tensor]:
+        base = piece.shared[BASE].float()
+        vectors = [theta.float() - base for theta in piece.thetas]
+        if self.drop_rate > 0:  # DARE (Yu et al., ICML 2024, §4.1): drop with probability p, rescale by 1/(1 − p)
+            for i, tau in enumerate(vectors):
+                keep = dare_keep(piece.name, piece.start, piece.stop, i, self.seed, self.drop_rate)
+                tau.mul_(keep).mul_(1.0 / (1.0 - self.drop_rate))
+        return vectors
+
+    # -- TIES' trim: the magnitude of the top_k-th percent largest |τ| entry of each model ----------
+    def prepare(self, pieces, num_models) -> None:
+        self.thresholds = {}
+        if self.top_k is None:
+            return
+        counts: dict[tuple[int, str | None], int] = {}
+        hi: dict[tuple[int, str | None], torch.Tensor] = {}
+        for piece in pieces():  # pass 1: how many entries in each of the 2¹⁵ top bins of |τ|'s float bits
+            for i, tau in enumerate(self.task_vectors(piece)):
+                key = (i, piece.name if self.per_tensor else None)
+                bits = tau.abs_().view(torch.int32)
+                hi[key] = hi.get(key, 0) + torch.bincount((bits >> 16).long(), minlength=_HI_BINS)
+                counts[key] = counts.get(key, 0) + tau.numel()
+        wanted = {}
+        for key, n in counts.items():
+            keep = math.ceil(self.top_k / 100 * n)
+            if keep >= n or n == 0:
+                self.thresholds[key] = 0.0  # keep everything
+            else:
+                wanted[key] = _top_bin(hi[key], keep)
+        if not wanted:
+            return
+        lo: dict[tuple[int, str | None], torch.Tensor] = {}
+        for piece in pieces():  # pass 2: within the bin that holds the threshold, the 2¹⁶ low bits
+            for i, tau in enumerate(self.task_vectors(piece)):
+                key = (i, piece.name if self.per_tensor else None)
+                if key not in wanted:
+                    continue
+                bits = tau.abs_().view(torch.int32)
+                inside = bits[(bits >> 16) == wanted[key][0]]
+                lo[key] = lo.get(key, 0) + torch.bincount((inside & 0xFFFF).long(), minlength=_LO_BINS)
+        for key, (top, rank) in wanted.items():
+            low, _ = _top_bin(lo[key], rank)
+            self.thresholds[key] = float(torch.tensor([(top << 16) | low], dtype=torch.int32).view(torch.float32))
+
+    def merge(self, piece: Piece, coefficients, target, out) -> None:
+        vectors = self.task_vectors(piece)
+        base = piece.shared[BASE]
+        if self.top_k is None:  # task arithmetic: θ_0 + Σ λ_i τ_i
+            out.copy_(base)
+            for lam, tau in zip(coefficients, vectors):
+                if lam:
+                    out.add_(tau.mul_(lam))
+            return
+        # TIES: trim to the top-k% magnitudes, elect the sign of Σ λ_i τ̂_i, mean over the agreeing entries.
+        total = torch.zeros_like(out)
+        for i, (lam, tau) in enumerate(zip(coefficients, vectors)):
+            threshold = self.thresholds[(i, piece.name if self.per_tensor else None)]
+            tau.mul_(tau.abs() >= threshold).mul_(lam)  # λ_i τ̂_i
+            total.add_(tau)
+        elected = torch.sign(total)
+        merged, agreeing = total.zero_(), torch.zeros_like(out)
+        for tau in vectors:
+            agree = (torch.sign(tau) == elected) & (tau != 0)
+            merged.add_(tau * agree)
+            agreeing.add_(agree)
+        torch.add(base, merged.div_(agreeing.clamp_(min=1)), out=out)
+
+
+class TaskArithmetic(_TaskVectorMerge):
+    """Task arithmetic (Ilharco et al., ICLR 2023, *Editing Models with Task Arithmetic*, §2, eq. 1):
+    ``θ = θ_0 + λ Σ_i τ_i`` with ``τ_i = θ_i − θ_0``; per-model scales ``λ_i`` generalize the shared ``λ``.
+    Needs ``base``: the pre-trained model the fine-tuned ones started from."""
+
+    def __init__(self, name: str = "task_arithmetic") -> None:
+        super().__init__(name)
+
+
+class TiesMerging(_TaskVectorMerge):
+    """TIES-Merging (Yadav et al., NeurIPS 2023, §3, Algorithm 1): (1) trim each task vector to its
+    ``top_k`` percent largest magnitudes (over the whole body, as in the paper; ``per_tensor`` per
+    tensor), (2) elect each entry's sign ``γ = sgn(Σ_i λ_i τ̂_i)`` (the larger total mass), (3) average
+    ``λ_i τ̂_i`` over the models that agree with ``γ`` (the disjoint mean), ``θ = θ_0 + τ_m``. With one
+    shared scale this is the paper's ``θ_0 + λ τ_m``. Entries tied with the k-th largest magnitude are
+    all kept. Needs ``base``."""
+
+    def __init__(self, top_k: Percent = 20.0, per_tensor: bool = False, name: str = "ties") -> None:
+        super().__init__(name, top_k=top_k, per_tensor=per_tensor)
+
+
+class DareMerge(_TaskVectorMerge):
+    """DARE (Yu et al., ICML 2024, *Language Models are Super Mario*, §4.1, eq. 2): drop each task-vector
+    entry with probability ``drop_rate`` and rescale the rest by ``1/(1 − drop_rate)``, then combine with
+    ``task_arithmetic`` or ``ties`` (TIES' ``top_k`` and ``per_tensor``). Seeded: the same ``seed`` drops
+    the same entries in every run and path. Needs ``base``."""
+
+    def __init__(self, drop_rate: DropRate = 0.9, seed: int = 0,
+                 combine: Literal["task_arithmetic", "ties"] = "task_arithmetic", top_k: Percent = 20.0,
+                 per_tensor: bool = False, name: str | None = None) -> None:
+        ties = combine == "ties"
+        super().__init__(name or ("dare_ties" if ties else "dare"), top_k=top_k if ties else None,
+                         per_tensor=per_tensor, drop_rate=drop_rate, seed=seed)

@@ -1,0 +1,221 @@
+"""Task arithmetic, TIES and DARE against slow references written from the papers; a merge method
+defined here, outside the package, run by YAML class_path in memory and streamed; bad inputs refused
+before anything is written."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from jsonargparse import ArgumentError
+from safetensors.torch import load_file, save_file
+
+from lightning_merge.backbones import TimmViT
+from lightning_merge.cli import main
+from lightning_merge.fisher import save_fisher
+from lightning_merge.merging import (
+    DareMerge,
+    MergeMethod,
+    ScaleSearch,
+    TaskArithmetic,
+    TiesMerging,
+    merge_safetensors,
+    merge_state_dicts,
+)
+from lightning_merge.merging.task_vectors import dare_keep
+from tests import reference_merges as ref
+from tests.fixtures import TINY_VIT
+
+SHAPES = {"a.weight": (6, 7), "a.bias": (6,), "b.weight": (5, 6)}
+
+
+def tensors(seed: int, zero_like: dict | None = None) -> dict:
+    """Values on a 1/16 grid, so float32 differences are exact and magnitudes tie often."""
+    g = torch.Generator().manual_seed(seed)
+    out = {k: torch.randint(-40, 41, s, generator=g).float() / 16 for k, s in SHAPES.items()}
+    if zero_like is not None:  # some entries equal to the base: task-vector entries exactly zero
+        for k in out:
+            out[k].view(-1)[::3] = zero_like[k].view(-1)[::3]
+    return out
+
+
+@pytest.fixture
+def three():
+    base = tensors(0)
+    return base, [tensors(i, base) for i in (1, 2, 3)]
+
+
+def merge(method, base, models, scales):
+    return merge_state_dicts(method, models, scales, shared={"base": base})
+
+
+def assert_equal_to(merged, reference):
+    for name, expected in reference.items():
+        torch.testing.assert_close(merged[name].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_task_arithmetic_matches_eq_1(three):
+    base, models = three
+    assert_equal_to(merge(TaskArithmetic(), base, models, [0.3, 0.5, 1.25]),
+                    ref.task_arithmetic(base, models, [0.3, 0.5, 1.25]))
+
+
+@pytest.mark.parametrize("top_k", [10, 20, 55, 100])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_ties_matches_algorithm_1(three, top_k, per_tensor):
+    base, models = three
+    assert_equal_to(merge(TiesMerging(top_k=top_k, per_tensor=per_tensor), base, models, [0.4, 0.4, 0.7]),
+                    ref.ties(base, models, [0.4, 0.4, 0.7], top_k, per_tensor))
+
+
+def test_ties_at_100_percent_trims_nothing_and_one_agreeing_model_is_task_arithmetic(three):
+    base, models = three
+    # With every other model's task vector zero, the disjoint mean is the one model's λ τ: task arithmetic.
+    alone = [models[0], dict(base), dict(base)]
+    assert_equal_to(merge(TiesMerging(top_k=100), base, alone, [0.6, 0.6, 0.6]),
+                    ref.task_arithmetic(base, alone, [0.6, 0, 0]))
+
+
+def test_all_zero_task_vectors_give_the_base(three):
+    base, _ = three
+    for method in (TaskArithmetic(), TiesMerging(top_k=20), DareMerge(drop_rate=0.5, combine="ties")):
+        merged = merge(method, base, [dict(base), dict(base)], [1.0, 1.0])
+        assert all(torch.equal(merged[n], base[n]) for n in base)
+
+
+@pytest.mark.parametrize("combine", ["task_arithmetic", "ties"])
+def test_dare_matches_its_reference(three, combine):
+    base, models = three
+    method = DareMerge(drop_rate=0.75, seed=5, combine=combine, top_k=30)
+    merged = merge(method, base, models, [0.5, 0.25, 1.0])
+    if combine == "ties":
+        expected = ref.ties(base, models, [0.5, 0.25, 1.0], 30, drop_rate=0.75, seed=5)
+    else:
+        vectors = ref.task_vectors(base, models, 0.75, 5)
+        expected = {n: torch.tensor([b + sum(s * v[n][j] for s, v in zip([0.5, 0.25, 1.0], vectors))
+                                     for j, b in enumerate(base[n].double().reshape(-1).tolist())],
+                                    dtype=torch.float64).reshape(base[n].shape) for n in base}
+    assert_equal_to(merged, expected)
+
+
+def test_dare_without_drop_is_task_arithmetic_and_is_reproducible_by_seed(three):
+    base, models = three
+    scales = [0.5, 0.5, 0.5]
+    assert all(torch.equal(a, b) for a, b in zip(merge(DareMerge(drop_rate=0.0), base, models, scales).values(),
+                                                  merge(TaskArithmetic(), base, models, scales).values()))
+    first, again = (merge(DareMerge(drop_rate=0.5, seed=1), base, models, scales) for _ in range(2))
+    other = merge(DareMerge(drop_rate=0.5, seed=2), base, models, scales)
+    assert all(torch.equal(first[n], again[n]) for n in base)
+    assert not all(torch.equal(first[n], other[n]) for n in base)
+    kept = dare_keep("w", 0, 200_000, model=0, seed=0, drop_rate=0.3).float().mean()
+    assert abs(float(kept) - 0.7) < 0.01
+    assert [bool(x) for x in dare_keep("w", 10, 20, 1, 4, 0.5)] == [ref.dare_keep("w", j, 1, 4, 0.5)
+                                                                    for j in range(10, 20)]
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: TiesMerging(top_k=0), r"top_k=0\): a percentage in \(0, 100\]"),
+    (lambda: TiesMerging(top_k=101), r"top_k=101\)"),
+    (lambda: DareMerge(drop_rate=1.0), r"drop_rate=1.0\): a probability in \[0, 1\)"),
+    (lambda: DareMerge(drop_rate=-0.1), r"drop_rate=-0.1\)"),
+])
+def test_bad_hyper_parameters(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_scale_search_shared_and_per_model():
+    assert ScaleSearch(values=[0.5, 1.0]).candidates(3) == [[0.5] * 3, [1.0] * 3]
+    per_model = ScaleSearch(values=[0.0, 1.0], per_model=True).candidates(2)
+    assert per_model[0] == [1.0, 1.0] and sorted(per_model[1:]) == [[0.0, 1.0], [1.0, 0.0]]
+    drawn = ScaleSearch(per_model=True, samples=10).candidates(4)
+    assert len(drawn) <= 12 + 10 and all(len(c) == 4 for c in drawn)
+
+
+# -- a method defined outside the package ----------------------------------------------------------
+class PickMostImportant(MergeMethod):
+    """Each entry from the model whose own per-model input ``importance`` is largest there (ties: the
+    first such model); coefficients are ignored beyond being checked."""
+
+    model_inputs = ("importance",)
+
+    def __init__(self, name: str = "most_important") -> None:
+        super().__init__(name)
+
+    def merge(self, piece, coefficients, target, out) -> None:
+        weights = torch.stack(piece.inputs["importance"])
+        pick = weights.argmax(0, keepdim=True)
+        out.copy_(torch.stack(piece.thetas).gather(0, pick)[0])
+
+
+@pytest.fixture(scope="module")
+def vit_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        TimmViT(num_classes=10, **TINY_VIT).export(root / f"m{seed}")
+    for seed in (1, 2):
+        state = load_file(root / f"m{seed}" / "model.safetensors")
+        g = torch.Generator().manual_seed(seed)
+        save_fisher(root / f"m{seed}.importance.safetensors",
+                    {k: torch.rand(v.shape, generator=g) for k, v in state.items()},
+                    {"num_examples": 1, "variant": "exact"})
+    return root
+
+
+def test_a_method_defined_in_a_test_file_runs_in_memory_and_streamed(vit_pair, tmp_path):
+    root = vit_pair
+    method = {"class_path": "tests.test_merge_methods.PickMostImportant"}
+    data = {"class_path": "lightning_merge.data.ImageDataModule", "init_args": {"max_eval_examples": 16}}
+    models = [{"path": str(root / m), "inputs": {"importance": str(root / f"{m}.importance.safetensors")},
+               "task": "digits", "name": m, "data": data} for m in ("m1", "m2")]
+    config = {"trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                          "default_root_dir": str(tmp_path)},
+              "model": {"class_path": "lightning_merge.modules.MergeModule",
+                        "init_args": {"models": models, "methods": [method], "baselines": [], "select_examples": 8,
+                                      "output_dir": str(tmp_path / "out"), "export_dir": str(tmp_path / "memory")}}}
+    (tmp_path / "memory.yaml").write_text(yaml.safe_dump(config))
+    main(["validate", "--config", str(tmp_path / "memory.yaml")])
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["results"][0]["method"] == "most_important"
+    streamed_config = {"models": [str(root / "m1"), str(root / "m2")], "method": method,
+                       "inputs": {"importance": [str(root / "m1.importance.safetensors"),
+                                                 str(root / "m2.importance.safetensors")]},
+                       "output": str(tmp_path / "streamed")}
+    (tmp_path / "streamed.yaml").write_text(yaml.safe_dump(streamed_config))
+    main(["merge", "--config", str(tmp_path / "streamed.yaml")])
+    in_memory = load_file(tmp_path / "memory" / "m1" / "model.safetensors")
+    streamed = load_file(tmp_path / "streamed" / "model.safetensors")
+    assert in_memory.keys() == streamed.keys()
+    for name in streamed:
+        assert torch.equal(streamed[name], in_memory[name]), name
+    importance = [load_file(root / f"m{s}.importance.safetensors") for s in (1, 2)]
+    originals = [load_file(root / f"m{s}" / "model.safetensors") for s in (1, 2)]
+    name = "blocks.0.mlp.fc1.weight"
+    expected = torch.where(importance[1][name] > importance[0][name], originals[1][name], originals[0][name])
+    assert torch.equal(streamed[name], expected)
+
+
+def test_bad_merge_inputs_are_refused_before_anything_is_written(vit_pair, tmp_path):
+    root = vit_pair
+    models, out = [root / "m1", root / "m2"], tmp_path / "out"
+    with pytest.raises(ValueError, match="task_arithmetic needs \\['base'\\]"):
+        merge_safetensors(models, [0.5, 0.5], out, TaskArithmetic())
+    other = TimmViT(num_classes=10, **{**TINY_VIT, "model_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 4}})
+    other.export(tmp_path / "shallow")
+    with pytest.raises(ValueError, match=r"base \(.*shallow\) has a different architecture: it lacks"):
+        merge_safetensors(models, [0.5, 0.5], out, TiesMerging(), base=tmp_path / "shallow")
+    for bad, message in (([-1.0, 1.0], "finite and >= 0"), ([1.0, 1.0, 1.0], "3 merging coefficients for 2")):
+        with pytest.raises(ValueError, match=message):
+            merge_safetensors(models, bad, out, TaskArithmetic(), base=root / "m0")
+    save_file({"x": torch.ones(1)}, tmp_path / "f.safetensors")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    from lightning_merge.modules import MergeModule, ModelSpec
+
+    with pytest.raises(ValueError, match="ties needs `base`"):
+        MergeModule([ModelSpec(str(m), data=object()) for m in models], methods=[TiesMerging()])
+    config = {"models": [str(m) for m in models], "output": str(out), "base": str(root / "m0"),
+              "method": {"class_path": "lightning_merge.merging.TiesMerging", "init_args": {"top_k": 150}}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ArgumentError, match="top_k"):
+        main(["merge", "--config", str(tmp_path / "bad.yaml")])
+    assert not out.exists()

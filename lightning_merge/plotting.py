@@ -85,3 +85,26 @@ def gain_heatmap(gains: Sequence[Sequence[float]], targets: Sequence[str], donor
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     return _save(fig, path)
+
+
+def task_columns(rows: Sequence[dict]) -> list[str]:
+    """Per-task held-out score columns: ``<task>/heldout_score``."""
+    return sorted({k for r in rows for k in r if k.count("/") == 1 and k.endswith("/heldout_score")})
+
+
+def task_scores(rows: Sequence[dict], path) -> Path:
+    """Held-out score per task (groups) and method (bars), with each method's mean in the legend: the
+    N-task comparison of merging methods."""
+    columns = task_columns(rows)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(columns)), 4))
+    width = 0.8 / len(rows)
+    for k, row in enumerate(rows):
+        values = [row.get(c, math.nan) for c in columns]
+        mean = sum(values) / len(values)
+        ax.bar([j + (k - (len(rows) - 1) / 2) * width for j in range(len(columns))], values, width,
+               label=f"{row['method']} ({mean:.3f})")
+    ax.set_xticks(range(len(columns)), [c.split("/")[0] for c in columns])
+    ax.set_ylabel("held-out score")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)

@@ -12,7 +12,7 @@ from pathlib import Path
 from lightning_merge.atomic import staged_file
 
 RESULTS_JSON = "results.json"
-MAIN_COLUMNS = ("method", "coefficients", "selection_score", "heldout_score", "full_score")
+MAIN_COLUMNS = ("method", "coefficients", "selection_score", "heldout_score", "full_score", "normalized_heldout")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -37,10 +37,13 @@ def _csv(rows: list[dict]) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """The main columns as aligned text (what the run prints)."""
+    keys = ["selection_score", "heldout_score", "full_score"]
     header = ["method", "coefficients", "selection", "held-out", "full"]
+    if any("normalized_heldout" in r for r in rows):
+        keys.append("normalized_heldout")
+        header.append("held-out ÷ unmerged")
     lines = [[str(r["method"]), _coefficients(r.get("coefficients")) or "-",
-              *(("nan" if math.isnan(v) else f"{v:.4f}") for v in
-                (r.get("selection_score", math.nan), r.get("heldout_score", math.nan), r.get("full_score", math.nan)))]
+              *(("nan" if math.isnan(v) else f"{v:.4f}") for v in (r.get(k, math.nan) for k in keys))]
              for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [header, *lines])
@@ -63,6 +66,8 @@ def write_results(output_dir: str | os.PathLike, rows: list[dict], search: list[
             plotting.score_vs_lambda(search, rows, target, out / "score_vs_lambda.png")
         if any(r.get("coefficients") is not None for r in rows) and plotting.ood_columns(rows):
             plotting.iid_vs_ood(rows, target, out / "iid_vs_ood.png")
+        if len(plotting.task_columns(rows)) >= 3:
+            plotting.task_scores(rows, out / "tasks.png")
     return format_table(rows)
 
 

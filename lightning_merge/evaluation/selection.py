@@ -87,6 +87,7 @@ def result_row(candidates: Sequence[Candidate], c: int, rest: int | None, evalua
         values = metrics(i, 0, [(c, SELECT), (rest, HELDOUT)])
         full.append(values["score"])
         row.update({f"{model_names[i]}/{k}": v for k, v in values.items()})
+        row[f"{model_names[i]}/heldout_score"] = heldout[-1]
         for s, set_name in enumerate(set_names[i][1:], start=1):
             row.update({f"{model_names[i]}/{set_name}/{k}": v for k, v in metrics(i, s, [(rest, FULL)]).items()})
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -110,4 +111,17 @@ def result_tables(candidates: Sequence[Candidate], methods: Sequence[str], basel
         else:
             rest = next((c for c, cand in enumerate(candidates) if cand.resolved_from == method), None)
             rows.append(row(best_candidate(candidates, method, selection_score, prefer), rest))
+    add_normalized(rows, [model_names[i] for i in evaluated])
     return search, rows
+
+
+def add_normalized(rows: list[dict], tasks: Sequence[str]) -> None:
+    """``normalized_heldout``: the mean over tasks of a row's held-out score on the task divided by the
+    unmerged model's (FusionBench's normalized accuracy; paper 003 §4), when the unmerged row is there."""
+    unmerged = next((r for r in rows if r["method"] == UNMERGED), None)
+    if unmerged is None:
+        return
+    for row in rows:
+        ratios = [row[f"{t}/heldout_score"] / unmerged[f"{t}/heldout_score"] for t in tasks
+                  if unmerged[f"{t}/heldout_score"] and not math.isnan(unmerged[f"{t}/heldout_score"])]
+        row["normalized_heldout"] = sum(ratios) / len(ratios) if ratios else math.nan

@@ -51,8 +51,8 @@ def check_provenance(metadata: Mapping[str, object], digests_of: Callable[[list[
     """
     recorded = metadata.get(FINGERPRINT_KEY)
     if not isinstance(recorded, dict) or not recorded:
-        return (f"{statistics} records no model fingerprint (estimated by an older version): cannot check that it "
-                f"belongs to {model}")
+        return (f"{statistics} records no model fingerprint (written by an older version, or not by "
+                f"FisherEstimationModule): cannot check that it belongs to {model}")
     actual = digests_of(sorted(recorded))
     missing = [n for n in recorded if n not in actual]
     differing = [n for n in recorded if n in actual and actual[n] != recorded[n]]

@@ -24,16 +24,40 @@ _M32 = 0xFFFFFFFF
 _HI_BINS, _LO_BINS = 1 << 15, 1 << 16  # float32 bits of |τ| ≥ 0: 15 high bits (sign is 0), 16 low bits
 
 
-def dare_keep(name: str, start: int, stop: int, model: int, seed: int, drop_rate: float) -> torch.Tensor:
+def dare_keep(name: str, start: int, stop: int, model: int, seed: int, drop_rate: float,
+              out: torch.Tensor | None = None,
+              scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Which entries ``[start, stop)`` of tensor ``name`` of model ``model`` DARE keeps (probability
     ``1 − p``): a 32-bit hash of (seed, model, name, element index) compared with ``p · 2³²``. It depends
-    on nothing else — not on how a merge slices the tensor — so every path draws the same mask."""
+    on nothing else — not on how a merge slices the tensor — so every path draws the same mask.
+    ``out`` (bool) and ``scratch`` (two int64 tensors of at least ``stop − start``) avoid allocations."""
+    n = stop - start
     key = (seed * 0x9E3779B1 + (model + 1) * 0x85EBCA77 + zlib.crc32(name.encode())) & _M32
-    x = torch.arange(start, stop, dtype=torch.int64).bitwise_xor_(key).bitwise_and_(_M32)
-    x = x.bitwise_xor_(x >> 16).mul_(0x7FEB352D).bitwise_and_(_M32)
-    x = x.bitwise_xor_(x >> 15).mul_(0x846CA68B).bitwise_and_(_M32)
-    x = x.bitwise_xor_(x >> 16)
-    return x >= int(drop_rate * 2**32)
+    x, y = scratch if scratch is not None else (torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64))
+    x, y = x[:n], y[:n]
+    torch.arange(start, stop, out=x)
+    x.bitwise_xor_(key).bitwise_and_(_M32)
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        torch.bitwise_right_shift(x, shift, out=y)
+        x.bitwise_xor_(y).mul_(multiplier).bitwise_and_(_M32)
+    torch.bitwise_right_shift(x, 16, out=y)
+    x.bitwise_xor_(y)
+    out = torch.empty(n, dtype=torch.bool) if out is None else out[:n]
+    return torch.ge(x, int(drop_rate * 2**32), out=out)
+
+
+class _Workspace:
+    """Buffers reused by every piece (a piece is at most the driver's chunk): no allocation, and so no
+    page faults, inside the merge loop."""
+
+    def __init__(self) -> None:
+        self.size, self.buffers = 0, {}
+
+    def get(self, name: str, n: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < n or buffer.dtype != dtype or buffer.device != device:
+            buffer = self.buffers[name] = torch.empty(max(n, 1), dtype=dtype, device=device)
+        return buffer[:n]
 
 
 def _top_bin(hist: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -61,14 +85,20 @@ class _TaskVectorMerge(MergeMethod):
         super().__init__(name)
         self.top_k, self.per_tensor, self.drop_rate, self.seed = top_k, per_tensor, drop_rate, seed
         self.thresholds: dict[tuple[int, str | None], float] = {}
+        self._work = _Workspace()
 
     def task_vectors(self, piece: Piece) -> list[torch.Tensor]:
-        base = piece.shared[BASE].float()
-        vectors = [theta.float() - base for theta in piece.thetas]
-        if self.drop_rate > 0:  # DARE (Yu et al., ICML 2024, §4.1): drop with probability p, rescale by 1/(1 − p)
-            for i, tau in enumerate(vectors):
-                keep = dare_keep(piece.name, piece.start, piece.stop, i, self.seed, self.drop_rate)
-                tau.mul_(keep).mul_(1.0 / (1.0 - self.drop_rate))
+        """``τ_i`` of the piece in workspace buffers (overwritten by the next piece), DARE'd if asked."""
+        base, n, device = piece.shared[BASE], piece.stop - piece.start, piece.shared[BASE].device
+        vectors = []
+        for i, theta in enumerate(piece.thetas):
+            tau = torch.sub(theta, base, out=self._work.get(f"tau{i}", n, device=device))
+            if self.drop_rate > 0:  # DARE (Yu et al., ICML 2024, §4.1): drop with probability p, rescale by 1/(1 − p)
+                keep = dare_keep(piece.name, piece.start, piece.stop, i, self.seed, self.drop_rate,
+                                 out=self._work.get("keep", n, torch.bool),
+                                 scratch=(self._work.get("x", n, torch.int64), self._work.get("y", n, torch.int64)))
+                tau.mul_(keep.to(device)).mul_(1.0 / (1.0 - self.drop_rate))
+            vectors.append(tau)
         return vectors
 
     # -- TIES' trim: the magnitude of the top_k-th percent largest |τ| entry of each model ----------
@@ -113,21 +143,26 @@ class _TaskVectorMerge(MergeMethod):
             out.copy_(base)
             for lam, tau in zip(coefficients, vectors):
                 if lam:
-                    out.add_(tau.mul_(lam))
+                    out.add_(tau, alpha=lam)
             return
         # TIES: trim to the top-k% magnitudes, elect the sign of Σ λ_i τ̂_i, mean over the agreeing entries.
-        total = torch.zeros_like(out)
+        n, device = len(out), out.device
+        elected, scratch = self._work.get("elected", n, device=device), self._work.get("scratch", n, device=device)
+        count, mask = self._work.get("count", n, device=device), self._work.get("mask", n, torch.bool, device)
+        elected.zero_()
         for i, (lam, tau) in enumerate(zip(coefficients, vectors)):
             threshold = self.thresholds[(i, piece.name if self.per_tensor else None)]
-            tau.mul_(tau.abs() >= threshold).mul_(lam)  # λ_i τ̂_i
-            total.add_(tau)
-        elected = torch.sign(total)
-        merged, agreeing = total.zero_(), torch.zeros_like(out)
-        for tau in vectors:
-            agree = (torch.sign(tau) == elected) & (tau != 0)
-            merged.add_(tau * agree)
-            agreeing.add_(agree)
-        torch.add(base, merged.div_(agreeing.clamp_(min=1)), out=out)
+            torch.ge(torch.abs(tau, out=scratch), threshold, out=mask)
+            tau.mul_(mask).mul_(lam)  # λ_i τ̂_i
+            elected.add_(tau)
+        elected.sign_()
+        merged = scratch.zero_()
+        count.zero_()
+        for tau in vectors:  # agreeing: a non-zero λ_i τ̂_i with the elected sign, i.e. λ_i τ̂_i · γ > 0
+            torch.gt(torch.mul(tau, elected, out=out), 0, out=mask)
+            merged.add_(tau.mul_(mask))
+            count.add_(mask)
+        torch.add(base, merged.div_(count.clamp_(min=1)), out=out)
 
 
 class TaskArithmetic(_TaskVectorMerge):

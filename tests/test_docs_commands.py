@@ -20,6 +20,7 @@ ELSEWHERE = {
     "python -m pytest": ".ci/run runs the tests exactly so",
     "bash recipes/quickstart/run.sh": "tests/test_quickstart.py",
     "lightning-merge validate --config recipes/quickstart/merge.yaml": "tests/test_quickstart.py (on its outputs)",
+    "lightning-merge merge --config configs/merge/streamed_fisher.yaml": "tests/test_quickstart.py (on its outputs)",
 }
 OFFLINE = {  # appended to each stage: tiny and short, same meaning
     "fit": ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",

@@ -109,8 +109,10 @@ def test_dare_without_drop_is_task_arithmetic_and_is_reproducible_by_seed(three)
     assert not all(torch.equal(first[n], other[n]) for n in base)
     kept = dare_keep("w", 0, 200_000, model=0, seed=0, drop_rate=0.3).float().mean()
     assert abs(float(kept) - 0.7) < 0.01
-    assert [bool(x) for x in dare_keep("w", 10, 20, 1, 4, 0.5)] == [ref.dare_keep("w", j, 1, 4, 0.5)
-                                                                    for j in range(10, 20)]
+    for start in (10, 2**31 - 40):  # the int32 arithmetic gives the unsigned hash's bits, high indices too
+        assert [bool(x) for x in dare_keep("w", start, start + 30, 1, 4, 0.3)] == [
+            ref.dare_keep("w", j, 1, 4, 0.3) for j in range(start, start + 30)]
+    assert dare_keep("w", 0, 1000, 0, 0, 0.0).all()
 
 
 @pytest.mark.parametrize(("make", "message"), [

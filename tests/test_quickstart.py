@@ -42,6 +42,7 @@ def test_quickstart_runs_every_stage_and_skips_finished_ones(tmp_path):
     again = run_in_group(["bash", str(ROOT / "recipes/quickstart/run.sh")], env=env)
     assert again.returncode == 0 and again.stdout.count("already done") == 11
     readme_merge_command_runs_on(tmp_path)
+    streamed_merge_command_runs_on(tmp_path)
 
 
 def readme_merge_command_runs_on(outputs: Path) -> None:
@@ -53,3 +54,15 @@ def readme_merge_command_runs_on(outputs: Path) -> None:
           "--model.init_args.export_dir=readme_merge/best", "--model.init_args.search.init_args.points=3",
           f"--trainer.default_root_dir={outputs / 'readme_merge'}", "--trainer.enable_progress_bar=false"])
     assert (outputs / "readme_merge" / "results.json").is_file()
+
+
+def streamed_merge_command_runs_on(outputs: Path) -> None:
+    """docs/merging.md's streamed merge, its paths moved under this run's outputs."""
+    shown = [c for _, c in documented_commands() if c.startswith("lightning-merge merge")]
+    assert len(shown) == 1
+    words, _ = split_redirect(shown[0])
+    fishers = ", ".join(str(outputs / "fisher" / f"{m}.full.safetensors") for m in STAGES[1:])
+    main([*words[1:], f"--models=[{outputs}/finetune_shifted/export, {outputs}/finetune_noise/export]",
+          f"--inputs={{fisher: [{fishers}]}}", f"--output={outputs}/merged_streamed"])
+    assert (outputs / "merged_streamed" / "model.safetensors").is_file()
+    assert (outputs / "merged_streamed" / "lightning_merge.json").is_file()

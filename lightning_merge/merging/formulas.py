@@ -46,6 +46,21 @@ def normalize_coefficients(coefficients: Sequence[float], num_models: int) -> to
     return torch.tensor(check_coefficients(coefficients, num_models), dtype=torch.float64)
 
 
+class Workspace:
+    """Named buffers reused across calls (a merge calls a kernel once per piece): no allocation, and so no
+    page faults, inside the merge loop. Views of the buffers are handed out; a larger request regrows."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, n: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < n or buffer.dtype != dtype or buffer.device != torch.device(
+                device or "cpu"):
+            buffer = self.buffers[name] = torch.empty(max(n, 1), dtype=dtype, device=device)
+        return buffer[:n]
+
+
 def _chunks(numel: int, device: torch.device):
     # On accelerators one launch per op over the whole tensor is already memory bound.
     step = CPU_CHUNK if device.type == "cpu" else max(numel, 1)
@@ -86,7 +101,8 @@ def _isotropic_chunk(flat, lam, active, sl, acc) -> torch.Tensor:
 
 def fisher_merge(tensors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor], coefficients: torch.Tensor,
                  floor: float = 1e-6, fallback: str = TARGET, target: int = 0,
-                 fisher_scales: Sequence[float] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                 fisher_scales: Sequence[float] | None = None, out: torch.Tensor | None = None,
+                 workspace: Workspace | None = None) -> torch.Tensor:
     """Eq. 4 for one tensor. ``fisher_scales[i]`` multiplies model i's Fisher (e.g. ``1/‖F_i‖₂`` when
     normalizing each Fisher to unit norm, as the reference implementation offers); the floor applies
     to the scaled Fisher. Models with ``λ_i = 0`` take no part, so ``λ = (1, 0, …)`` is model 0 exactly."""
@@ -104,7 +120,8 @@ def fisher_merge(tensors: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor
     flat_out = out.view(-1)
     step = min(CPU_CHUNK, out.numel()) if out.device.type == "cpu" else out.numel()
     # One workspace for all chunks: no allocation (and no page faults) inside the loop.
-    num, den, weight, mask = (torch.empty(step, dtype=acc, device=out.device) for _ in range(4))
+    workspace = workspace or Workspace()
+    num, den, weight, mask = (workspace.get(k, step, acc, out.device) for k in ("num", "den", "weight", "mask"))
     as_acc = (lambda x: x) if tensors[0].dtype == acc and fishers[0].dtype == acc else (lambda x: x.to(acc))
     tiny = torch.finfo(acc).tiny
     for sl in _chunks(out.numel(), out.device):

@@ -12,7 +12,7 @@ from jsonargparse.typing import NonNegativeFloat
 
 from lightning_merge.fisher.masks import PAPER
 from lightning_merge.merging.base import MergeMethod, Piece
-from lightning_merge.merging.formulas import TARGET, fisher_merge, isotropic_merge
+from lightning_merge.merging.formulas import TARGET, Workspace, fisher_merge, isotropic_merge
 from lightning_merge.merging.tensors import Statistics
 
 
@@ -52,6 +52,7 @@ class FisherMerge(MergeMethod):
         self.field, self.floor, self.fallback, self.normalize, self.mask_rule = fisher, floor, fallback, normalize, \
             mask_rule
         self.scales: list[float] | None = None
+        self._work = Workspace()
 
     def open_input(self, name, source, shapes, label, in_memory) -> Statistics:
         return Statistics(source, shapes, label, mask_rule=self.mask_rule, in_memory=in_memory)
@@ -71,4 +72,4 @@ class FisherMerge(MergeMethod):
 
     def merge(self, piece, coefficients, target, out) -> None:
         fisher_merge(piece.thetas, piece.inputs[self.field], coefficients, self.floor, self.fallback, target,
-                     self.scales, out=out)
+                     self.scales, out=out, workspace=self._work)

@@ -16,6 +16,7 @@ import torch
 from jsonargparse.typing import restricted_number_type
 
 from lightning_merge.merging.base import BASE, SCALE, MergeMethod, Piece
+from lightning_merge.merging.formulas import Workspace
 
 Percent = restricted_number_type("Percent", float, [(">", 0), ("<=", 100)], join="and")
 DropRate = restricted_number_type("DropRate", float, [(">=", 0), ("<", 1)], join="and")
@@ -24,40 +25,39 @@ _M32 = 0xFFFFFFFF
 _HI_BINS, _LO_BINS = 1 << 15, 1 << 16  # float32 bits of |τ| ≥ 0: 15 high bits (sign is 0), 16 low bits
 
 
+def _signed32(value: int) -> int:
+    value &= _M32
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
 def dare_keep(name: str, start: int, stop: int, model: int, seed: int, drop_rate: float,
               out: torch.Tensor | None = None,
               scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Which entries ``[start, stop)`` of tensor ``name`` of model ``model`` DARE keeps (probability
     ``1 − p``): a 32-bit hash of (seed, model, name, element index) compared with ``p · 2³²``. It depends
     on nothing else — not on how a merge slices the tensor — so every path draws the same mask.
-    ``out`` (bool) and ``scratch`` (two int64 tensors of at least ``stop − start``) avoid allocations."""
+
+    The hash is unsigned 32-bit arithmetic (``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15;
+    x *= 0x846CA68B; x ^= x >> 16`` on ``index ^ key``), computed in int32 (multiplication wraps to the
+    same bits; right shifts are masked to be logical). ``out`` (bool) and ``scratch`` (two int32
+    tensors of at least ``stop − start``) avoid allocations."""
     n = stop - start
-    key = (seed * 0x9E3779B1 + (model + 1) * 0x85EBCA77 + zlib.crc32(name.encode())) & _M32
-    x, y = scratch if scratch is not None else (torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64))
+    if stop > 2**31 - 1:
+        raise ValueError(f"DARE: tensor {name!r} has more than 2³¹ elements")
+    key = _signed32(seed * 0x9E3779B1 + (model + 1) * 0x85EBCA77 + zlib.crc32(name.encode()))
+    x, y = scratch if scratch is not None else (torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32))
     x, y = x[:n], y[:n]
     torch.arange(start, stop, out=x)
-    x.bitwise_xor_(key).bitwise_and_(_M32)
+    x.bitwise_xor_(key)
     for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
         torch.bitwise_right_shift(x, shift, out=y)
-        x.bitwise_xor_(y).mul_(multiplier).bitwise_and_(_M32)
+        x.bitwise_xor_(y.bitwise_and_((1 << (32 - shift)) - 1)).mul_(_signed32(multiplier))
     torch.bitwise_right_shift(x, 16, out=y)
-    x.bitwise_xor_(y)
+    x.bitwise_xor_(y.bitwise_and_(0xFFFF))
+    # unsigned x >= t  ⟺  signed (x ^ 2³¹) >= signed (t ^ 2³¹)
+    threshold = _signed32(int(drop_rate * 2**32) ^ (1 << 31)) if drop_rate < 1 else 2**31 - 1
     out = torch.empty(n, dtype=torch.bool) if out is None else out[:n]
-    return torch.ge(x, int(drop_rate * 2**32), out=out)
-
-
-class _Workspace:
-    """Buffers reused by every piece (a piece is at most the driver's chunk): no allocation, and so no
-    page faults, inside the merge loop."""
-
-    def __init__(self) -> None:
-        self.size, self.buffers = 0, {}
-
-    def get(self, name: str, n: int, dtype=torch.float32, device=None) -> torch.Tensor:
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < n or buffer.dtype != dtype or buffer.device != device:
-            buffer = self.buffers[name] = torch.empty(max(n, 1), dtype=dtype, device=device)
-        return buffer[:n]
+    return torch.ge(x.bitwise_xor_(_signed32(1 << 31)), threshold, out=out)
 
 
 def _top_bin(hist: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -85,7 +85,7 @@ class _TaskVectorMerge(MergeMethod):
         super().__init__(name)
         self.top_k, self.per_tensor, self.drop_rate, self.seed = top_k, per_tensor, drop_rate, seed
         self.thresholds: dict[tuple[int, str | None], float] = {}
-        self._work = _Workspace()
+        self._work = Workspace()
 
     def task_vectors(self, piece: Piece) -> list[torch.Tensor]:
         """``τ_i`` of the piece in workspace buffers (overwritten by the next piece), DARE'd if asked."""
@@ -96,7 +96,7 @@ class _TaskVectorMerge(MergeMethod):
             if self.drop_rate > 0:  # DARE (Yu et al., ICML 2024, §4.1): drop with probability p, rescale by 1/(1 − p)
                 keep = dare_keep(piece.name, piece.start, piece.stop, i, self.seed, self.drop_rate,
                                  out=self._work.get("keep", n, torch.bool),
-                                 scratch=(self._work.get("x", n, torch.int64), self._work.get("y", n, torch.int64)))
+                                 scratch=(self._work.get("x", n, torch.int32), self._work.get("y", n, torch.int32)))
                 tau.mul_(keep.to(device)).mul_(1.0 / (1.0 - self.drop_rate))
             vectors.append(tau)
         return vectors
@@ -112,7 +112,7 @@ class _TaskVectorMerge(MergeMethod):
             for i, tau in enumerate(self.task_vectors(piece)):
                 key = (i, piece.name if self.per_tensor else None)
                 bits = tau.abs_().view(torch.int32)
-                hi[key] = hi.get(key, 0) + torch.bincount((bits >> 16).long(), minlength=_HI_BINS)
+                hi[key] = hi.get(key, 0) + torch.bincount(bits >> 16, minlength=_HI_BINS)
                 counts[key] = counts.get(key, 0) + tau.numel()
         wanted = {}
         for key, n in counts.items():
@@ -131,7 +131,7 @@ class _TaskVectorMerge(MergeMethod):
                     continue
                 bits = tau.abs_().view(torch.int32)
                 inside = bits[(bits >> 16) == wanted[key][0]]
-                lo[key] = lo.get(key, 0) + torch.bincount((inside & 0xFFFF).long(), minlength=_LO_BINS)
+                lo[key] = lo.get(key, 0) + torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
         for key, (top, rank) in wanted.items():
             low, _ = _top_bin(lo[key], rank)
             self.thresholds[key] = float(torch.tensor([(top << 16) | low], dtype=torch.int32).view(torch.float32))

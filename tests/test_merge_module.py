@@ -90,15 +90,19 @@ def test_search_selects_on_first_examples_and_reports_the_rest(pair, glue_dir, t
         assert len(search) == 5 and search[0]["coefficients"] == [0.0, 1.0] and search[-1]["coefficients"] == [1.0, 0.0]
         # λ = (1, 0) is the target itself
         assert search[-1]["selection_score"] == pytest.approx(rows["unmerged"]["selection_score"])
-        best = max(search, key=lambda r: r["selection_score"])
+        # the highest selection score; on ties the target's largest λ (the unmerged end)
+        best = max(search, key=lambda r: (r["selection_score"], r["coefficients"][0]))
         assert rows[method]["coefficients"] == best["coefficients"]
+        tied = sum(r["selection_score"] == best["selection_score"] for r in search)
+        assert rows[method]["tied_candidates"] == tied
         merged = merge_bodies(states, best["coefficients"], fishers if method == "fisher" else None, head_names=heads)
         logits, labels = logits_on(models["rte"], merged, glue_dir, range(10))
         assert rows[method]["selection_score"] == pytest.approx(accuracy(logits[:4], labels[:4]))
         assert rows[method]["heldout_score"] == pytest.approx(accuracy(logits[4:], labels[4:]))
         assert rows[method]["full_score"] == pytest.approx(accuracy(logits, labels))
     # the exported model: the best method's merged body under the target's own head
-    best = max(results["search"], key=lambda r: r["selection_score"])
+    best = max((r for r in results["results"] if r["method"] in ("isotropic", "fisher")),
+               key=lambda r: r["selection_score"])
     exported = load_backbone(tmp_path / "merged").model.state_dict()
     expected = merge_bodies(states, best["coefficients"], fishers if best["method"] == "fisher" else None,
                             head_names=heads)

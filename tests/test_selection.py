@@ -61,7 +61,7 @@ def test_rows_report_held_out_scores_of_the_selected_candidate_and_normalize_by_
                                  metrics, selection)
     assert [r["selection_score"] for r in search] == [0.5, 0.9]
     unmerged, avg = rows
-    assert avg["coefficients"] == [0.9, 0.1] and avg["selection_score"] == 0.9
+    assert avg["coefficients"] == [0.9, 0.1] and avg["selection_score"] == 0.9 and avg["tied_candidates"] == 1
     assert avg["heldout_score"] == (0.4 + 0.25) / 2  # the "best of" run's held-out scores, not selection's
     assert avg["a/heldout_score"] == 0.4 and unmerged["b/heldout_score"] == 0.5
     assert math.isclose(avg["normalized_heldout"], (0.4 / 0.8 + 0.25 / 0.5) / 2)

@@ -59,7 +59,8 @@ def searched(candidates: Sequence[Candidate], method: str) -> list[int]:
 def best_candidate(candidates: Sequence[Candidate], method: str, selection_score: Callable[[int], float],
                    prefer: Callable[[Candidate], float] | None = None) -> int:
     """The candidate of ``method`` with the highest selection score; NaN scores lose. Ties go to the
-    highest ``prefer`` value when given, else to the first candidate."""
+    highest ``prefer`` value when given (a merge run prefers the target's largest λ: the unmerged end),
+    else to the first candidate."""
     pool = searched(candidates, method)
     if not pool:
         raise ValueError(f"no candidate of method {method!r}")
@@ -110,7 +111,10 @@ def result_tables(candidates: Sequence[Candidate], methods: Sequence[str], basel
             rows += [row(c) for c in searched(candidates, method)]
         else:
             rest = next((c for c, cand in enumerate(candidates) if cand.resolved_from == method), None)
-            rows.append(row(best_candidate(candidates, method, selection_score, prefer), rest))
+            best = best_candidate(candidates, method, selection_score, prefer)
+            rows.append(row(best, rest))
+            tied = [c for c in searched(candidates, method) if selection_score(c) == selection_score(best)]
+            rows[-1]["tied_candidates"] = len(tied)  # > 1: the selection could not tell these apart
     add_normalized(rows, [model_names[i] for i in evaluated])
     return search, rows
 

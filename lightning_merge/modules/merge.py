@@ -337,14 +337,20 @@ class MergeModule(pl.LightningModule):
                                             for i in self.evaluated) / len(self.evaluated)
         return self._selection_scores[c]
 
+    def _prefer(self, candidate) -> float:
+        """On tied selection scores: averaging methods prefer the target's largest weight (the unmerged
+        end: no evidence for moving away from it); task-vector methods the smallest scale (the first)."""
+        method = next(m for m in self.methods if m.name == candidate.method)
+        return candidate.coefficients[self.target] if method.coefficients == CONVEX else 0.0
+
     def _best(self, method: str) -> int:
-        return best_candidate(self.candidates, method, self._selection_score)
+        return best_candidate(self.candidates, method, self._selection_score, self._prefer)
 
     def _results(self) -> tuple[list[dict], list[dict]]:
         return result_tables(self.candidates, [m.name for m in self.methods], self.baselines, self.report,
                              self.evaluated, self.names,
                              {i: self.specs[i].data.eval_set_names for i in self.evaluated},
-                             lambda i, s, parts: self._metrics(i, s, parts), self._selection_score)
+                             lambda i, s, parts: self._metrics(i, s, parts), self._selection_score, self._prefer)
 
     def _finish(self) -> None:
         search, rows = self._results()
@@ -377,10 +383,11 @@ class MergeModule(pl.LightningModule):
     on_test_epoch_end = on_validation_epoch_end
 
     def _export(self, search: list[dict]) -> list[str]:
-        pool = [r for r in search if self.export_method in (None, r["method"])]
-        if not pool:
-            raise ValueError(f"export_method {self.export_method!r} is not one of {[m.name for m in self.methods]}")
-        best = max(pool, key=lambda r: (not math.isnan(r["selection_score"]), r["selection_score"]))
+        # Each method's selected candidate (the same the table reports), then the best of those.
+        chosen = [self.candidates[self._best(m.name)] for m in self.methods if self.export_method in (None, m.name)]
+        scores = [self._selection_score(self.candidates.index(c)) for c in chosen]
+        k = max(range(len(chosen)), key=lambda j: (not math.isnan(scores[j]), scores[j], -j))
+        best = {"method": chosen[k].method, "coefficients": chosen[k].coefficients}
         values = self.mergers[best["method"]](best["coefficients"])
         written = []
         for i in self.evaluated:

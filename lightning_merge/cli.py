@@ -117,7 +117,7 @@ def main(args: Sequence[str] | None = None) -> LightningMergeCLI:
     common = {"formatter_class": _HelpFormatter, "exit_on_error": False}
     parser_kwargs = {"description": DESCRIPTION, **common,
                      **{stage: {"description": text, **common} for stage, text in STAGE_HELP.items()}}
-    return LightningMergeCLI(
+    cli = LightningMergeCLI(
         LightningModule,
         # No data class: `data` is then optional (any DataModule by class_path), because the merge stage
         # reads each model's evaluation data from its own spec instead.
@@ -131,6 +131,10 @@ def main(args: Sequence[str] | None = None) -> LightningMergeCLI:
         parser_kwargs=parser_kwargs,
         args=args,
     )
+    summary = getattr(getattr(cli, "model", None), "summary", None)
+    if summary and cli.trainer.is_global_zero:  # the stage's last line: what was written where
+        print(f"lightning-merge {cli.subcommand}: {summary}", flush=True)
+    return cli
 
 
 _INPUT_ERRORS = (ValueError, KeyError, IndexError, FileNotFoundError, PermissionError, NotImplementedError,

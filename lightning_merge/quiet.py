@@ -14,6 +14,8 @@ import warnings
 _NOISE = re.compile(
     r"💡 Tip|^(GPU|TPU|HPU) available: False|^Seed set to|Loading `train_dataloader` to estimate"
     r"|was configured so \d+ batch|^You are using a CUDA device|LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES"
+    # a stage's own summary: the command prints it again as its last line
+    r"|^Exported the fine-tuned |^Wrote the \w+ \w+ Fisher of |^Wrote .*results\.json\)"
 )
 _WARNINGS = (
     r".*tensorboardX.*",  # Lightning's note on its own former dependency

@@ -53,7 +53,7 @@ def test_fit_tiny_bert_on_local_glue_exports_a_reloadable_model(tiny_bert3, glue
     assert reloaded.label_names == ["entailment", "neutral", "contradiction"]
 
 
-def test_fit_tiny_vit_on_digits_with_ood_sets(tmp_path):
+def test_fit_tiny_vit_on_digits_with_ood_sets(tmp_path, capsys):
     cli = main(["fit", "--config", SMOKE, "--config", str(ROOT / "configs/data/digits.yaml"),
                 "--config", str(ROOT / "configs/model/vit_tiny_digits.yaml"),
                 "--model.init_args.backbone.init_args.model_kwargs", "{embed_dim: 32, depth: 2, num_heads: 4}",
@@ -62,6 +62,8 @@ def test_fit_tiny_vit_on_digits_with_ood_sets(tmp_path):
                 "--trainer.default_root_dir", str(tmp_path / "run")])
     metrics = cli.trainer.callback_metrics
     assert {"val/iid/accuracy", "val/rotate/accuracy", "val/invert/accuracy"} <= set(metrics)
+    last = capsys.readouterr().out.strip().splitlines()[-1]  # the stage's last line: what was written where
+    assert last.startswith("lightning-merge fit: exported the fine-tuned timm_vit model to ") and "export" in last
     reloaded = load_backbone(tmp_path / "export")
     assert reloaded.num_labels == 10 and reloaded.label_names == [str(i) for i in range(10)]
     # timm's own reading of the export: its preprocessing is the data module's.

@@ -170,3 +170,25 @@ def test_an_integer_fisher_is_refused(vits, tmp_path):
 def test_isotropic_streamed_merge_needs_no_fisher(vits, tmp_path):
     out = merge_safetensors([vits / "m1", vits / "m2"], [0.5, 0.5], tmp_path / "iso", IsotropicMerge())
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+def test_same_seed_same_fisher_bits_and_same_table(vits, tmp_path):
+    """Two runs of a stage with the same seed: the same Fisher file, byte for byte (sampled labels
+    included), and the same result table."""
+    outputs = []
+    for run in ("a", "b"):
+        out = tmp_path / f"{run}.safetensors"
+        main(["predict", "--trainer.inference_mode=false", "--trainer.logger=false",
+              "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+              "--model=lightning_merge.modules.FisherEstimationModule", "--model.variant=sampled",
+              "--model.num_samples=2", "--model.backbone=lightning_merge.backbones.TimmViT",
+              f"--model.backbone.checkpoint={vits}/m1", f"--model.output={out}", f"--data={DIGITS}",
+              "--data.max_predict_examples=8"])
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+    tables = []
+    for run in ("a", "b"):
+        main(["validate", "--config", str(merge_config(tmp_path / run, vits))])
+        results = json.loads((tmp_path / run / "out" / "results.json").read_text())
+        tables.append((results["results"], results["search"]))
+    assert tables[0] == tables[1]

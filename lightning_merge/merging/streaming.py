@@ -20,15 +20,15 @@ import torch
 from lightning_merge.atomic import staged_directory
 from lightning_merge.merging.base import BASE, CONVEX, MergeMethod
 from lightning_merge.merging.driver import CHUNK, MergePlan, slices
-from lightning_merge.merging.files import (
+from lightning_merge.merging.formulas import check_coefficients
+from lightning_merge.merging.tensors import CheckpointTensors
+from lightning_merge.tensor_files import (
     INDEX_NAME,
     WEIGHTS_NAME,
     Checkpoint,
     SafetensorsFile,
     SafetensorsWriter,
 )
-from lightning_merge.merging.formulas import check_coefficients
-from lightning_merge.merging.tensors import CheckpointTensors
 
 __all__ = ["Checkpoint", "SafetensorsFile", "SafetensorsWriter", "merge_checkpoints", "merge_safetensors"]
 

@@ -14,7 +14,7 @@ import torch
 
 from lightning_merge.fisher.io import read_fisher_metadata
 from lightning_merge.fisher.masks import PAPER, expand_mask_fisher
-from lightning_merge.merging.files import Checkpoint, SafetensorsFile
+from lightning_merge.tensor_files import Checkpoint, SafetensorsFile
 
 
 class TensorReader(Protocol):

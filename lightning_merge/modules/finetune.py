@@ -141,5 +141,6 @@ class FineTuneModule(pl.LightningModule):
         directory = self._export_directory()
         self.backbone.export(directory)
         logs = self.trainer.log_dir or self.trainer.default_root_dir
-        rank_zero_info(f"Exported the fine-tuned {self.backbone.family} model to {directory} (logs and checkpoints: "
-                       f"{logs})")
+        self.summary = (f"exported the fine-tuned {self.backbone.family} model to {directory} "
+                        f"(logs and checkpoints: {logs})")
+        rank_zero_info(self.summary[0].upper() + self.summary[1:])

@@ -117,7 +117,9 @@ class FisherEstimationModule(pl.LightningModule):
         fisher = {name: strategy.reduce(s, reduce_op="sum") / total for name, s in sums.items()}
         if self.trainer.is_global_zero:
             save_fisher(self.hparams.output, fisher, self.metadata(total))
-            rank_zero_info(f"Wrote the {self.variant} Fisher of {total} examples to {self.hparams.output}")
+            self.summary = (f"wrote the {self.variant} {self.hparams.kind} Fisher of {total} examples to "
+                            f"{self.hparams.output}")
+            rank_zero_info(self.summary[0].upper() + self.summary[1:])
         strategy.barrier()
 
     def metadata(self, num_examples: int) -> dict[str, object]:

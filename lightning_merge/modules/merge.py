@@ -372,8 +372,9 @@ class MergeModule(pl.LightningModule):
             rank_zero_info("Merge results:\n" + written)
             exported = self._export(search) if self.export_dir else []
             marker = write_completion_marker(self.output_dir, rows, search, {**facts, "exported": exported})
-            rank_zero_info(f"Wrote {marker.parent}/ (results.csv, search.csv, plots, results.json)"
-                           + (f" and the merged model to {', '.join(exported)}" if exported else ""))
+            self.summary = (f"wrote {marker.parent}/ (results.csv, search.csv, plots, results.json)"
+                            + (f" and the merged model to {', '.join(exported)}" if exported else ""))
+            rank_zero_info(self.summary[0].upper() + self.summary[1:])
         self.trainer.strategy.barrier()
         self.outputs.clear()
 

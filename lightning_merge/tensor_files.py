@@ -1,4 +1,4 @@
-"""safetensors files read a slice at a time (``pread``) and written a slice at a time, atomically.
+"""safetensors files (models, statistics) read a slice at a time (``pread``) and written a slice at a time, atomically.
 
 Files are read with ``pread`` rather than ``safetensors.safe_open``: the latter memory-maps the file,
 and every mapped page it touches is counted in the process's resident memory until the file is

@@ -187,6 +187,8 @@ class MergeModule(pl.LightningModule):
                 self.target, out=self.merged, states=pool.states,
                 check_provenance=[s.check_provenance for s in self.specs],
                 labels=[f"model {i} ({s.path})" for i, s in enumerate(self.specs)])
+            # Global passes (norms, TIES thresholds) now: their errors come before any evaluation.
+            self.mergers[method.name].plan.prepare()
         rank_zero_info(f"Merging {len(self.layout.names)} tensors ({self.layout.numel / 1e6:.1f}M values) of "
                        f"{len(self.specs)} models with {[m.name for m in self.methods]}"
                        f"{'' if pool.shared_task else '; each task keeps its own head'}")

@@ -36,6 +36,7 @@ Fisher-weighted model merging as Lightning stages; every stage is one subcommand
   validate   merge and evaluate       model: MergeModule (coefficient search, held-out scores, export)
   test       merge and evaluate on the test split
   merge      merge checkpoints file to file, streamed (no evaluation): merge_checkpoints
+  inspect    a statistics file's header, tensors and totals (no model needed)
 
 Project classes (choose them by class_path in YAML):
   data modules:     {_names(_data, LightningDataModule)}
@@ -87,7 +88,21 @@ class LightningMergeCLI(LightningCLI):
                                      LightningDataModule, subclasses=True)
 
 
-MERGE_STAGE = "merge"
+MERGE_STAGE, INSPECT = "merge", "inspect"
+
+
+def inspect_files(args: Sequence[str]) -> None:
+    """``lightning-merge inspect FILE... [--tensors]``: a statistics file's header, tensors and totals."""
+    import argparse
+
+    from lightning_merge.fisher.io import describe_statistics
+
+    parser = argparse.ArgumentParser(prog="lightning-merge inspect", description=inspect_files.__doc__)
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--tensors", action="store_true", help="one line per tensor (shape, dtype, sum, max)")
+    parsed = parser.parse_args(list(args))
+    for path in parsed.files:
+        print(describe_statistics(path, parsed.tensors))
 
 
 def merge_files(args: Sequence[str]):
@@ -112,6 +127,8 @@ def main(args: Sequence[str] | None = None) -> LightningMergeCLI:
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == [MERGE_STAGE]:
         return merge_files(argv[1:])
+    if argv[:1] == [INSPECT]:
+        return inspect_files(argv[1:])
     # exit_on_error=False: a parse error is raised (and printed as one line by console_main), not
     # printed after fifty lines of usage.
     common = {"formatter_class": _HelpFormatter, "exit_on_error": False}
@@ -201,7 +218,7 @@ def console_main() -> None:
 
 
 def _subcommand() -> str:
-    return next((a for a in sys.argv[1:] if a in STAGE_HELP or a == MERGE_STAGE), "")
+    return next((a for a in sys.argv[1:] if a in STAGE_HELP or a in (MERGE_STAGE, INSPECT)), "")
 
 
 if __name__ == "__main__":

@@ -192,3 +192,22 @@ def test_same_seed_same_fisher_bits_and_same_table(vits, tmp_path):
         results = json.loads((tmp_path / run / "out" / "results.json").read_text())
         tables.append((results["results"], results["search"]))
     assert tables[0] == tables[1]
+
+
+def test_inspect_describes_a_statistics_file_without_its_model(vits, monkeypatch, capsys):
+    import sys as system
+
+    from lightning_merge.cli import console_main
+    from lightning_merge.fisher import load_fisher
+
+    path = vits / "m1.fisher.safetensors"
+    monkeypatch.setattr(system, "argv", ["lightning-merge", "inspect", str(path), "--tensors"])
+    console_main()
+    out = capsys.readouterr().out
+    fisher = load_fisher(path)
+    total = sum(float(v.double().sum()) for v in fisher.values())
+    assert "  variant: exact" in out and "  num_examples: 8" in out
+    assert f"model_fingerprint: {len(fisher)} tensors fingerprinted" in out
+    values = sum(v.numel() for v in fisher.values())
+    assert f"tensors: {len(fisher)} (float32), {values:,} values, sum {total:.6g}" in out
+    assert "    cls_token  (1, 1, 32)  float32" in out

@@ -72,3 +72,35 @@ def _open(path: str | os.PathLike):
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors Fisher file (corrupt or truncated): {err}") from err
+
+
+def describe_statistics(path: str | os.PathLike, tensors: bool = False) -> str:
+    """What a statistics file holds, readable without any model: its header (the fingerprint and mask
+    layout summarized), how many tensors of which dtypes and how many values, their total, and with
+    ``tensors`` one line per tensor (shape, dtype, sum, max). Tensors are read one at a time."""
+    from lightning_merge.tensor_files import SafetensorsFile
+
+    lines = [str(path)]
+    metadata = read_fisher_metadata(path)
+    for key in sorted(metadata):
+        value = metadata[key]
+        if key == "model_fingerprint" and isinstance(value, dict):
+            value = f"{len(value)} tensors fingerprinted"
+        elif key == "mask_layout" and isinstance(value, dict):
+            value = f"{len(value)} mask sites"
+        lines.append(f"  {key}: {value}")
+    with SafetensorsFile(path) as file:
+        names = file.keys()
+        dtypes = sorted({str(file.dtype(n)).replace("torch.", "") for n in names})
+        total, count, rows = 0.0, 0, []
+        for name in names:
+            values = file.read_tensor(name)
+            count += values.numel()
+            subtotal = float(values.double().sum()) if values.numel() else 0.0
+            total += subtotal
+            if tensors:
+                peak = float(values.max()) if values.numel() else float("nan")
+                rows.append(f"    {name}  {tuple(values.shape)}  {str(values.dtype).replace('torch.', '')}  "
+                            f"sum {subtotal:.6g}  max {peak:.6g}")
+    lines.append(f"  tensors: {len(names)} ({', '.join(dtypes)}), {count:,} values, sum {total:.6g}")
+    return "\n".join(lines + rows)

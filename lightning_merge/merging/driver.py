@@ -10,8 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 
 from lightning_merge.fisher.provenance import check_provenance, fingerprint_reader
-from lightning_merge.merging.base import CONVEX, Piece
-from lightning_merge.merging.base import MergeMethod as MergeMethod
+from lightning_merge.merging.base import CONVEX, MergeMethod, Piece
 from lightning_merge.merging.formulas import check_coefficients
 from lightning_merge.merging.tensors import Statistics, TensorReader
 

@@ -221,3 +221,20 @@ def test_bad_merge_inputs_are_refused_before_anything_is_written(vit_pair, tmp_p
     with pytest.raises(ArgumentError, match="top_k"):
         main(["merge", "--config", str(tmp_path / "bad.yaml")])
     assert not out.exists()
+
+
+def test_a_method_shared_by_two_plans_is_prepared_for_each(three):
+    """TIES keeps its thresholds on itself: merging two different model sets alternately with one
+    instance must give each set its own thresholds."""
+    from lightning_merge.merging import FlatMerger
+
+    base, models = three
+    ties = TiesMerging(top_k=20)
+    shapes = {n: t.shape for n, t in base.items()}
+    first = FlatMerger.from_states(ties, models[:2], shapes, shared={"base": base})
+    second = FlatMerger.from_states(ties, [models[2], base], shapes, shared={"base": base})
+    expected = {n: t.clone() for n, t in first([0.5, 0.5]).items()}
+    second([0.5, 0.5])
+    again = first([0.5, 0.5])
+    assert all(torch.equal(again[n], expected[n]) for n in expected)
+    assert_equal_to(again, ref.ties(base, models[:2], [0.5, 0.5], 20))

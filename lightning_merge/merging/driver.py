@@ -81,7 +81,6 @@ class MergePlan:
         except BaseException:
             self.close()
             raise
-        self._prepared = False
 
     def _have(self, reader: TensorReader, names: Sequence[str]) -> list[str]:
         available = set(reader.names())
@@ -114,9 +113,11 @@ class MergePlan:
                             {k: r.read(name, start, stop) for k, r in self.shared.items()})
 
     def prepare(self) -> None:
-        if not self._prepared:
+        """The method's global pass over this plan's pieces. A method keeps what it prepared (a norm, a
+        threshold) on itself, so a method shared by two plans is prepared again when the other plan ran last."""
+        if getattr(self.method, "_prepared_by", None) is not self:
             self.method.prepare(self.pieces, len(self.models))
-            self._prepared = True
+            self.method._prepared_by = self
 
     def run(self, coefficients: Sequence[float], destination: Callable[[str, int, int], torch.Tensor],
             written: Callable[[str, int, torch.Tensor], None] | None = None) -> None:

@@ -5,7 +5,8 @@
    bytes read and written by the merge ÷ the bandwidth of a large tensor copy. Fisher (eq. 4: reads
    2 θ + 2 F, writes θ*), task arithmetic, TIES and DARE (read 2 θ + θ_0, write θ*). TIES is timed from
    scratch (its two histogram passes that find each model's top-k threshold, then the merge:
-   ``ties_s``) and per further λ (``ties_merge_s``). The per-tensor state-dict merge is timed too.
+   ``ties_s``) and per further λ (``ties_merge_s``); TIES and DARE also with ``compile: true`` (each
+   piece's merge fused by torch.compile). The per-tensor state-dict merge is timed too.
 2. Each method streamed from safetensors files to a file: wall time and peak RSS beyond the
    interpreter's baseline (in a fresh subprocess), against the size of one model.
 3. A coefficient search (grid) through MergeModule on the real MiniLM checkpoint and RTE validation
@@ -124,6 +125,15 @@ def merge_benchmarks(repeats: int) -> dict:
     ties_s = median_time(lambda: flat("ties")([0.3, 0.7]), max(1, repeats // 2))  # from scratch: thresholds too
     ties = flat("ties")
     ties_merge_s = median_time(lambda: ties([0.3, 0.7]), repeats)
+    # compile: true (one fused loop per piece); the first call compiles, median_time's warm-up takes it.
+    compiled = {name: merging.FlatMerger(getattr(merging, cls)(**kwargs, compile=True), thetas, layout, None,
+                                         {"base": theta0}, out=out)
+                for name, (cls, kwargs) in (("ties", METHODS["ties"]), ("dare", METHODS["dare"]))}
+    ties_compiled_merge_s = median_time(lambda: compiled["ties"]([0.3, 0.7]), repeats)
+    dare_compiled_s = median_time(lambda: compiled["dare"]([0.3, 0.7]), repeats)
+    ties_compiled_s = median_time(lambda: merging.FlatMerger(merging.TiesMerging(top_k=20, compile=True), thetas,
+                                                             layout, None, {"base": theta0}, out=out)([0.3, 0.7]),
+                                  max(1, repeats // 2))
     per_tensor_s = median_time(lambda: merge_bodies(states, [0.3, 0.7], fishers), max(1, repeats // 2))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,6 +156,10 @@ def merge_benchmarks(repeats: int) -> dict:
               "tv_bound_s": tv_bound_s, "ta_s": ta_s, "ta_over_bound": ta_s / tv_bound_s, "dare_s": dare_s,
               "dare_over_bound": dare_s / tv_bound_s, "ties_s": ties_s, "ties_over_bound": ties_s / tv_bound_s,
               "ties_merge_s": ties_merge_s, "ties_merge_over_bound": ties_merge_s / tv_bound_s,
+              "ties_compiled_s": ties_compiled_s, "ties_compiled_over_bound": ties_compiled_s / tv_bound_s,
+              "ties_compiled_merge_s": ties_compiled_merge_s,
+              "ties_compiled_merge_over_bound": ties_compiled_merge_s / tv_bound_s,
+              "dare_compiled_s": dare_compiled_s, "dare_compiled_over_bound": dare_compiled_s / tv_bound_s,
               "per_tensor_merge_s": per_tensor_s, "streamed_merge_s": streamed["fisher"]["seconds"],
               "streamed_peak_rss_mb": beyond["fisher"], "interpreter_rss_mb": streamed["fisher"]["base_kb"] / 1024,
               "streamed_rss_over_model": beyond["fisher"] / model_mb}
@@ -234,6 +248,12 @@ def main() -> None:
              f"{result['ties_over_bound']:.2f}× the bound (2 histogram passes + merge); target ≤ 6×"),
             ("  each further λ of the same TIES", f"{result['ties_merge_s']:.3f} s",
              f"{result['ties_merge_over_bound']:.2f}× the bound"),
+            ("DARE, compile: true", f"{result['dare_compiled_s']:.3f} s",
+             f"{result['dare_compiled_over_bound']:.2f}× the bound; target ≤ 3×"),
+            ("TIES, compile: true, from scratch", f"{result['ties_compiled_s']:.3f} s",
+             f"{result['ties_compiled_over_bound']:.2f}× the bound; target ≤ 6×"),
+            ("  each further λ, compile: true", f"{result['ties_compiled_merge_s']:.3f} s",
+             f"{result['ties_compiled_merge_over_bound']:.2f}× the bound"),
             ("per-tensor state-dict merge", f"{result['per_tensor_merge_s']:.3f} s",
              f"{result['per_tensor_merge_s'] / result['bound_s']:.1f}× the bound (reference path)"),
             ("streamed merge (files → file)", f"{result['streamed_merge_s']:.3f} s",

@@ -60,6 +60,43 @@ def dare_keep(name: str, start: int, stop: int, model: int, seed: int, drop_rate
     return torch.ge(x.bitwise_xor_(_signed32(1 << 31)), threshold, out=out)
 
 
+def fused_merge(thetas: list[torch.Tensor], base: torch.Tensor, scales: torch.Tensor,
+                keeps: list[torch.Tensor] | None = None, rescale: float = 1.0,
+                thresholds: torch.Tensor | None = None) -> torch.Tensor:
+    """The merge of one piece as one expression, the same arithmetic as the eager path, for
+    ``torch.compile`` to fuse into a single loop: task vectors (DARE'd with the precomputed ``keeps``),
+    then task arithmetic, or with ``thresholds`` TIES' trim, elect and disjoint mean."""
+    vectors = [theta - base for theta in thetas]
+    if keeps is not None:
+        vectors = [tau * keep * rescale for tau, keep in zip(vectors, keeps)]
+    if thresholds is None:
+        merged = base
+        for i, tau in enumerate(vectors):
+            merged = merged + tau * scales[i]
+        return merged
+    weighted = [torch.where(tau.abs() >= thresholds[i], tau, 0.0) * scales[i] for i, tau in enumerate(vectors)]
+    total = weighted[0]
+    for w in weighted[1:]:
+        total = total + w
+    elected = torch.sign(total)
+    merged, count = torch.zeros_like(base), torch.zeros_like(base)
+    for w in weighted:
+        agree = (w * elected) > 0
+        merged = merged + torch.where(agree, w, 0.0)
+        count = count + agree.to(base.dtype)
+    return base + merged / count.clamp(min=1)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_merge():
+    """:func:`fused_merge` compiled by ``torch.compile`` (once per process, on first use)."""
+    if "merge" not in _COMPILED:
+        _COMPILED["merge"] = torch.compile(fused_merge, dynamic=True)
+    return _COMPILED["merge"]
+
+
 def _top_bin(hist: torch.Tensor, rank: int) -> tuple[int, int]:
     """The bin holding the ``rank``-th largest element (1-based) of a histogram in ascending bin order,
     and that element's rank within the bin."""
@@ -77,13 +114,14 @@ class _TaskVectorMerge(MergeMethod):
     coefficients = SCALE
 
     def __init__(self, name: str, top_k: float | None = None, per_tensor: bool = False, drop_rate: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, compile: bool = False) -> None:
         if top_k is not None and not 0 < top_k <= 100:
             raise ValueError(f"{type(self).__name__}(top_k={top_k}): a percentage in (0, 100]")
         if not 0 <= drop_rate < 1:
             raise ValueError(f"{type(self).__name__}(drop_rate={drop_rate}): a probability in [0, 1)")
         super().__init__(name)
         self.top_k, self.per_tensor, self.drop_rate, self.seed = top_k, per_tensor, drop_rate, seed
+        self.compile = compile
         self.thresholds: dict[tuple[int, str | None], float] = {}
         self._work = Workspace()
 
@@ -100,6 +138,20 @@ class _TaskVectorMerge(MergeMethod):
                 tau.mul_(keep.to(device)).mul_(1.0 / (1.0 - self.drop_rate))
             vectors.append(tau)
         return vectors
+
+    def _compiled_merge(self, piece: Piece, coefficients) -> torch.Tensor:
+        device = piece.shared[BASE].device
+        keeps = None
+        if self.drop_rate > 0:
+            keeps = [dare_keep(piece.name, piece.start, piece.stop, i, self.seed, self.drop_rate).to(device)
+                     for i in range(len(piece.thetas))]
+        thresholds = None
+        if self.top_k is not None:
+            key = piece.name if self.per_tensor else None
+            thresholds = torch.tensor([self.thresholds[(i, key)] for i in range(len(piece.thetas))], device=device)
+        return compiled_merge()([t.float() for t in piece.thetas], piece.shared[BASE].float(),
+                                torch.tensor(list(coefficients), dtype=torch.float32, device=device), keeps,
+                                1.0 / (1.0 - self.drop_rate), thresholds)
 
     # -- TIES' trim: the magnitude of the top_k-th percent largest |τ| entry of each model ----------
     def prepare(self, pieces, num_models) -> None:
@@ -137,6 +189,9 @@ class _TaskVectorMerge(MergeMethod):
             self.thresholds[key] = float(torch.tensor([(top << 16) | low], dtype=torch.int32).view(torch.float32))
 
     def merge(self, piece: Piece, coefficients, target, out) -> None:
+        if self.compile:
+            out.copy_(self._compiled_merge(piece, coefficients))
+            return
         vectors = self.task_vectors(piece)
         base = piece.shared[BASE]
         if self.top_k is None:  # task arithmetic: θ_0 + Σ λ_i τ_i
@@ -180,21 +235,24 @@ class TiesMerging(_TaskVectorMerge):
     tensor), (2) elect each entry's sign ``γ = sgn(Σ_i λ_i τ̂_i)`` (the larger total mass), (3) average
     ``λ_i τ̂_i`` over the models that agree with ``γ`` (the disjoint mean), ``θ = θ_0 + τ_m``. With one
     shared scale this is the paper's ``θ_0 + λ τ_m``. Entries tied with the k-th largest magnitude are
-    all kept. Needs ``base``."""
+    all kept. Needs ``base``. ``compile: true`` fuses each piece's merge into one loop with
+    ``torch.compile`` (:func:`fused_merge`; needs a C++ compiler, compiles once in about 10–20 s, then
+    about 3× faster on CPU); streamed and in-memory merges run the same code, so they stay equal."""
 
-    def __init__(self, top_k: Percent = 20.0, per_tensor: bool = False, name: str = "ties") -> None:
-        super().__init__(name, top_k=top_k, per_tensor=per_tensor)
+    def __init__(self, top_k: Percent = 20.0, per_tensor: bool = False, compile: bool = False,
+                 name: str = "ties") -> None:
+        super().__init__(name, top_k=top_k, per_tensor=per_tensor, compile=compile)
 
 
 class DareMerge(_TaskVectorMerge):
     """DARE (Yu et al., ICML 2024, *Language Models are Super Mario*, §4.1, eq. 2): drop each task-vector
     entry with probability ``drop_rate`` and rescale the rest by ``1/(1 − drop_rate)``, then combine with
     ``task_arithmetic`` or ``ties`` (TIES' ``top_k`` and ``per_tensor``). Seeded: the same ``seed`` drops
-    the same entries in every run and path. Needs ``base``."""
+    the same entries in every run and path. Needs ``base``. ``compile``: as for :class:`TiesMerging`."""
 
     def __init__(self, drop_rate: DropRate = 0.9, seed: int = 0,
                  combine: Literal["task_arithmetic", "ties"] = "task_arithmetic", top_k: Percent = 20.0,
-                 per_tensor: bool = False, name: str | None = None) -> None:
+                 per_tensor: bool = False, compile: bool = False, name: str | None = None) -> None:
         ties = combine == "ties"
         super().__init__(name or ("dare_ties" if ties else "dare"), top_k=top_k if ties else None,
-                         per_tensor=per_tensor, drop_rate=drop_rate, seed=seed)
+                         per_tensor=per_tensor, drop_rate=drop_rate, seed=seed, compile=compile)

@@ -44,7 +44,7 @@ def dare_keep(name: str, start: int, stop: int, model: int, seed: int, drop_rate
     n = stop - start
     if stop > 2**31 - 1:
         raise ValueError(f"DARE: tensor {name!r} has more than 2³¹ elements")
-    key = _signed32(seed * 0x9E3779B1 + (model + 1) * 0x85EBCA77 + zlib.crc32(name.encode()))
+    key = _signed32(dare_key(name, model, seed))
     x, y = scratch if scratch is not None else (torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32))
     x, y = x[:n], y[:n]
     torch.arange(start, stop, out=x)
@@ -60,15 +60,35 @@ def dare_keep(name: str, start: int, stop: int, model: int, seed: int, drop_rate
     return torch.ge(x.bitwise_xor_(_signed32(1 << 31)), threshold, out=out)
 
 
+def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x · c mod 2³²`` for ``0 ≤ x < 2³²`` in int64 without overflow (16-bit halves of ``c``)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def dare_keep_int64(start: int, n: int, key: torch.Tensor, threshold: int, device=None) -> torch.Tensor:
+    """:func:`dare_keep`'s hash in int64 arithmetic that never overflows (for compiled code, where a
+    wrapping int32 multiply is undefined); the same bits. ``key`` is a 0-dim int64 tensor."""
+    x = ((torch.arange(n, dtype=torch.int64, device=device) + start) ^ key) & _M32
+    x = _mulmod32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mulmod32(x ^ (x >> 15), 0x846CA68B)
+    return (x ^ (x >> 16)) >= threshold
+
+
+def dare_key(name: str, model: int, seed: int) -> int:
+    return (seed * 0x9E3779B1 + (model + 1) * 0x85EBCA77 + zlib.crc32(name.encode())) & _M32
+
+
 def fused_merge(thetas: list[torch.Tensor], base: torch.Tensor, scales: torch.Tensor,
-                keeps: list[torch.Tensor] | None = None, rescale: float = 1.0,
-                thresholds: torch.Tensor | None = None) -> torch.Tensor:
+                dare_keys: torch.Tensor | None = None, start: int = 0, dare_threshold: int = 0,
+                rescale: float = 1.0, thresholds: torch.Tensor | None = None) -> torch.Tensor:
     """The merge of one piece as one expression, the same arithmetic as the eager path, for
-    ``torch.compile`` to fuse into a single loop: task vectors (DARE'd with the precomputed ``keeps``),
-    then task arithmetic, or with ``thresholds`` TIES' trim, elect and disjoint mean."""
+    ``torch.compile`` to fuse into a single loop: task vectors (DARE'd, the mask hashed in the loop
+    from ``dare_keys``, one per model, and the piece's ``start``), then task arithmetic, or with
+    ``thresholds`` TIES' trim, elect and disjoint mean."""
     vectors = [theta - base for theta in thetas]
-    if keeps is not None:
-        vectors = [tau * keep * rescale for tau, keep in zip(vectors, keeps)]
+    if dare_keys is not None:
+        vectors = [tau * dare_keep_int64(start, base.numel(), dare_keys[i], dare_threshold, base.device) * rescale
+                   for i, tau in enumerate(vectors)]
     if thresholds is None:
         merged = base
         for i, tau in enumerate(vectors):
@@ -141,17 +161,16 @@ class _TaskVectorMerge(MergeMethod):
 
     def _compiled_merge(self, piece: Piece, coefficients) -> torch.Tensor:
         device = piece.shared[BASE].device
-        keeps = None
+        keys = None
         if self.drop_rate > 0:
-            keeps = [dare_keep(piece.name, piece.start, piece.stop, i, self.seed, self.drop_rate).to(device)
-                     for i in range(len(piece.thetas))]
+            keys = torch.tensor([dare_key(piece.name, i, self.seed) for i in range(len(piece.thetas))], device=device)
         thresholds = None
         if self.top_k is not None:
             key = piece.name if self.per_tensor else None
             thresholds = torch.tensor([self.thresholds[(i, key)] for i in range(len(piece.thetas))], device=device)
         return compiled_merge()([t.float() for t in piece.thetas], piece.shared[BASE].float(),
-                                torch.tensor(list(coefficients), dtype=torch.float32, device=device), keeps,
-                                1.0 / (1.0 - self.drop_rate), thresholds)
+                                torch.tensor(list(coefficients), dtype=torch.float32, device=device), keys,
+                                piece.start, int(self.drop_rate * 2**32), 1.0 / (1.0 - self.drop_rate), thresholds)
 
     # -- TIES' trim: the magnitude of the top_k-th percent largest |τ| entry of each model ----------
     def prepare(self, pieces, num_models) -> None:

@@ -297,8 +297,7 @@ def test_ties_thresholds_are_the_exact_kth_largest_magnitude(monkeypatch, grid):
             method = TiesMerging(top_k=top_k)
             histogram = []
             original = method._histogram_thresholds
-            method._histogram_thresholds = (lambda pieces, done, h=histogram, o=original:
-                                            h.append(done) or o(pieces, done))
+            method._histogram_thresholds = lambda pieces, done, h=histogram, o=original: h.append(done) or o(pieces, done)
             plan = MergePlan(method, [MemoryTensors(m) for m in models], list(shapes),
                              shared={"base": MemoryTensors(base)}, chunk=7001)
             plan.prepare()

@@ -23,7 +23,6 @@ DropRate = restricted_number_type("DropRate", float, [(">=", 0), ("<", 1)], join
 
 _M32 = 0xFFFFFFFF
 _HI_BINS, _LO_BINS = 1 << 15, 1 << 16  # float32 bits of |τ| ≥ 0: 15 high bits (sign is 0), 16 low bits
-SAMPLE_STRIDE = 97  # every 97th task-vector entry brackets TIES' threshold
 
 
 def _signed32(value: int) -> int:
@@ -175,74 +174,14 @@ class _TaskVectorMerge(MergeMethod):
 
     # -- TIES' trim: the magnitude of the top_k-th percent largest |τ| entry of each model ----------
     def prepare(self, pieces, num_models) -> None:
-        """TIES' trim thresholds: for each model, the k-th largest ``|τ|`` (k = ⌈top_k% · n⌉), exactly.
-        Over the whole body: bracketed from a strided sample, then one counting pass (the histogram
-        passes below if the bracket misses); per tensor: the histogram passes."""
         self.thresholds = {}
         if self.top_k is None:
             return
-        if not self.per_tensor:
-            self.thresholds.update(self._bracketed_thresholds(pieces, num_models))
-            if len(self.thresholds) == num_models:
-                return
-        self._histogram_thresholds(pieces, done=set(self.thresholds))
-
-    def _key(self, i: int, piece: Piece) -> tuple[int, str | None]:
-        return i, piece.name if self.per_tensor else None
-
-    def _bracketed_thresholds(self, pieces, num_models) -> dict[tuple[int, None], float]:
-        samples: list[list[torch.Tensor]] = [[] for _ in range(num_models)]
-        counts = [0] * num_models
-        for piece in pieces():  # pass 1 (cheap): every SAMPLE_STRIDE-th |τ|, and how many entries there are
-            if self.drop_rate > 0:
-                sampled = [tau[::SAMPLE_STRIDE].abs() for tau in self.task_vectors(piece)]
-            else:
-                base = piece.shared[BASE][::SAMPLE_STRIDE].float()
-                sampled = [(theta[::SAMPLE_STRIDE].float() - base).abs_() for theta in piece.thetas]
-            for i, values in enumerate(sampled):
-                samples[i].append(values)
-                counts[i] += piece.stop - piece.start
-        found, brackets = {}, {}
-        for i, n in enumerate(counts):
-            keep = math.ceil(self.top_k / 100 * n)
-            if keep >= n or n == 0:
-                found[(i, None)] = 0.0  # keep everything
-                continue
-            sample = torch.cat(samples[i]).sort(descending=True).values
-            m, q = len(sample), keep / n
-            if m < 64:
-                continue  # too few samples to bracket: the histogram passes decide
-            rank, spread = q * m, 4 * math.sqrt(m * q * (1 - q)) + 8  # the sample rank ± 4 binomial deviations
-            upper = float(sample[int(rank - spread)]) if rank - spread >= 0 else math.inf
-            lower = float(sample[int(rank + spread)]) if rank + spread < m else 0.0
-            brackets[i] = (keep, lower, upper)
-        if not brackets:
-            return found
-        above = dict.fromkeys(brackets, 0)
-        inside: dict[int, list[torch.Tensor]] = {i: [] for i in brackets}
-        for piece in pieces():  # pass 2: entries above the bracket counted, entries inside it kept
-            for i, tau in enumerate(self.task_vectors(piece)):
-                if i in brackets:
-                    _, lower, upper = brackets[i]
-                    magnitude = tau.abs_()
-                    above[i] += int((magnitude > upper).sum())
-                    inside[i].append(magnitude[(magnitude >= lower) & (magnitude <= upper)])
-        for i, (keep, _, _) in brackets.items():
-            values, needed = torch.cat(inside[i]), keep - above[i]
-            if 1 <= needed <= len(values):  # the k-th largest lies in the bracket: select it exactly
-                found[(i, None)] = float(values.topk(needed).values[-1])
-        return found
-
-    def _histogram_thresholds(self, pieces, done: set) -> None:
-        """The exact k-th largest ``|τ|`` from its float bits: 2¹⁵ high-bit bins, then 2¹⁶ low-bit bins
-        of the one bin that holds it."""
         counts: dict[tuple[int, str | None], int] = {}
         hi: dict[tuple[int, str | None], torch.Tensor] = {}
-        for piece in pieces():
+        for piece in pieces():  # pass 1: how many entries in each of the 2¹⁵ top bins of |τ|'s float bits
             for i, tau in enumerate(self.task_vectors(piece)):
-                key = self._key(i, piece)
-                if key in done:
-                    continue
+                key = (i, piece.name if self.per_tensor else None)
                 bits = tau.abs_().view(torch.int32)
                 hi[key] = hi.get(key, 0) + torch.bincount(bits >> 16, minlength=_HI_BINS)
                 counts[key] = counts.get(key, 0) + tau.numel()
@@ -256,9 +195,9 @@ class _TaskVectorMerge(MergeMethod):
         if not wanted:
             return
         lo: dict[tuple[int, str | None], torch.Tensor] = {}
-        for piece in pieces():
+        for piece in pieces():  # pass 2: within the bin that holds the threshold, the 2¹⁶ low bits
             for i, tau in enumerate(self.task_vectors(piece)):
-                key = self._key(i, piece)
+                key = (i, piece.name if self.per_tensor else None)
                 if key not in wanted:
                     continue
                 bits = tau.abs_().view(torch.int32)

@@ -271,3 +271,27 @@ def test_compiled_merges_match_the_reference_and_stream_alike(three, tmp_path, m
     in_memory = FlatMerger.from_states(make(), models, {n: t.shape for n, t in base.items()},
                                        shared={"base": base}, chunk=16)(scales)
     assert all(torch.equal(streamed[n], in_memory[n]) for n in base)
+
+
+@pytest.mark.parametrize("grid", [True, False], ids=["tied-values", "continuous"])
+def test_ties_thresholds_are_the_exact_kth_largest_magnitude(grid):
+    """The histogram passes give exactly the k-th largest |τ| over the body, as a full sort does."""
+    import math
+
+    from lightning_merge.merging import MemoryTensors, MergePlan
+
+    g = torch.Generator().manual_seed(3)
+    shapes = {"w": (300, 200), "b": (300,), "e": (50, 40)}
+    make = (lambda s: torch.randint(-64, 65, s, generator=g).float() / 32) if grid else \
+        (lambda s: torch.randn(s, generator=g))
+    base = {k: make(s) for k, s in shapes.items()}
+    models = [{k: make(s) for k, s in shapes.items()} for _ in range(2)]
+    for top_k in (1, 20, 73):
+        expected = []
+        for m in models:
+            magnitudes = torch.cat([(m[k] - base[k]).abs().reshape(-1) for k in shapes]).sort(descending=True).values
+            expected.append(float(magnitudes[math.ceil(top_k / 100 * len(magnitudes)) - 1]))
+        method = TiesMerging(top_k=top_k)
+        MergePlan(method, [MemoryTensors(m) for m in models], list(shapes), shared={"base": MemoryTensors(base)},
+                  chunk=7001).prepare()
+        assert [method.thresholds[(i, None)] for i in range(2)] == expected, top_k

@@ -48,7 +48,7 @@ class Backbone(nn.Module, ABC):
         """Write the native files into ``directory``; return what the manifest needs to rebuild."""
 
     def mask_sites(self) -> list:
-        """Where mask-node Fisher masks go (:class:`lightning_merge.fisher.masks.MaskSite`, paper 003 §3)."""
+        """Where mask-node Fisher masks go (:class:`lightning_merge.backbones.mask_sites.MaskSite`, paper 003 §3)."""
         raise NotImplementedError(f"{type(self).__name__} does not define mask sites")
 
     def describe_task(self, label_names: list[str] | None, preprocessing: dict | None = None) -> None:

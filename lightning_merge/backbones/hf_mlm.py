@@ -13,9 +13,7 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from lightning_merge.backbones.hf_text import HFBackbone, from_pretrained, text_inputs
-
-MASKED_POSITIONS = "masked_positions"  # (B, M) positions of the masked tokens, -1 where unused
-IGNORE = -100
+from lightning_merge.data.batch import MASKED_POSITIONS
 
 
 class HFMaskedLM(HFBackbone):

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lightning_merge.backbones.base import Backbone
-from lightning_merge.fisher.masks import FFN, HEADS, MaskSite
+from lightning_merge.backbones.mask_sites import FFN, HEADS, MaskSite
 
 PACKAGE_SCHEME = "pkg:"
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from timm.models._hub import save_config_for_hf
 
 from lightning_merge.backbones.base import Backbone, read_manifest
-from lightning_merge.fisher.masks import FFN, HEADS, MaskSite
+from lightning_merge.backbones.mask_sites import FFN, HEADS, MaskSite
 
 WEIGHTS_FILE = "model.safetensors"
 TIMM_CONFIG = "config.json"

@@ -13,8 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lightning_merge.backbones.hf_mlm import IGNORE, MASKED_POSITIONS
-from lightning_merge.data.batch import EXAMPLE_INDEX, LABELS
+from lightning_merge.data.batch import EXAMPLE_INDEX, IGNORE, LABELS, MASKED_POSITIONS
 from lightning_merge.data.glue import check_text_file, subsample
 
 TEXT_SUFFIXES = {".txt": "text", ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}

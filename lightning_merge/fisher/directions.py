@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
+from lightning_merge.data.batch import IGNORE  # label of an output that is not part of the example
+
 VARIANTS = ("exact", "sampled", "empirical")
-IGNORE = -100  # label of an output that is not part of the example (padding)
 
 
 def exact_directions(logits: torch.Tensor) -> torch.Tensor:

@@ -274,8 +274,10 @@ def test_compiled_merges_match_the_reference_and_stream_alike(three, tmp_path, m
 
 
 @pytest.mark.parametrize("grid", [True, False], ids=["tied-values", "continuous"])
-def test_ties_thresholds_are_the_exact_kth_largest_magnitude(grid):
-    """The histogram passes give exactly the k-th largest |τ| over the body, as a full sort does."""
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["global", "per-tensor"])
+def test_ties_thresholds_are_the_exact_kth_largest_magnitude(grid, per_tensor):
+    """The histogram passes give exactly the k-th largest |τ| (over the body, or per tensor), as a full
+    sort does; k = 100% keeps everything (threshold 0)."""
     import math
 
     from lightning_merge.merging import MemoryTensors, MergePlan
@@ -286,12 +288,16 @@ def test_ties_thresholds_are_the_exact_kth_largest_magnitude(grid):
         (lambda s: torch.randn(s, generator=g))
     base = {k: make(s) for k, s in shapes.items()}
     models = [{k: make(s) for k, s in shapes.items()} for _ in range(2)]
-    for top_k in (1, 20, 73):
-        expected = []
-        for m in models:
-            magnitudes = torch.cat([(m[k] - base[k]).abs().reshape(-1) for k in shapes]).sort(descending=True).values
-            expected.append(float(magnitudes[math.ceil(top_k / 100 * len(magnitudes)) - 1]))
-        method = TiesMerging(top_k=top_k)
+    groups = [[k] for k in shapes] if per_tensor else [list(shapes)]
+    for top_k in (1, 20, 73, 100):
+        expected = {}
+        for i, m in enumerate(models):
+            for group in groups:
+                magnitudes = torch.cat([(m[k] - base[k]).abs().reshape(-1) for k in group]).sort(descending=True).values
+                keep = math.ceil(top_k / 100 * len(magnitudes))
+                expected[(i, group[0] if per_tensor else None)] = 0.0 if keep >= len(magnitudes) else \
+                    float(magnitudes[keep - 1])
+        method = TiesMerging(top_k=top_k, per_tensor=per_tensor)
         MergePlan(method, [MemoryTensors(m) for m in models], list(shapes), shared={"base": MemoryTensors(base)},
                   chunk=7001).prepare()
-        assert [method.thresholds[(i, None)] for i in range(2)] == expected, top_k
+        assert method.thresholds == expected, top_k

@@ -151,3 +151,21 @@ class SafetensorsWriter:
     def abort(self) -> None:
         os.close(self._fd)
         Path(self.tmp).unlink(missing_ok=True)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> Path:
+    """Write ``tensors`` (each in its own dtype) with ``metadata`` in the header, atomically. Header and
+    tensors are sorted and written by :class:`SafetensorsWriter` (safetensors' ``save_file`` orders the
+    metadata differently in every process): the same inputs give the same bytes. Non-string metadata
+    values are stored as JSON."""
+    header = {k: metadata[k] if isinstance(metadata[k], str) else json.dumps(metadata[k], sort_keys=True)
+              for k in sorted(metadata)}
+    names = sorted(tensors)
+    writer = SafetensorsWriter(path, {n: (tensors[n].dtype, tensors[n].shape) for n in names}, header)
+    try:
+        for name in names:
+            writer.write(name, tensors[name])
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.commit()

@@ -111,6 +111,8 @@ COMPOSITIONS = {
     "fisher/exact": ("predict", ["configs/data/glue.yaml", "configs/fisher/exact.yaml"]),
     "fisher/exact+images": ("predict", ["configs/data/digits.yaml", "configs/fisher/exact.yaml"]),
     "merge/streamed_fisher": ("merge", ["configs/merge/streamed_fisher.yaml"]),
+    "gram/glue": ("predict", ["configs/data/glue.yaml", "configs/gram/glue.yaml"]),
+    "multitask_digits/gram": ("predict", ["configs/data/digits.yaml", "recipes/multitask_digits/gram.yaml"]),
     "multitask_digits/finetune": ("fit", ["configs/data/digits.yaml", "configs/model/vit_tiny_digits.yaml",
                                           "recipes/multitask_digits/finetune.yaml"]),
     "multitask_digits/merge": ("validate", ["recipes/multitask_digits/merge.yaml"]),

@@ -77,3 +77,4 @@ def test_fit_and_predict_commands_run_in_order_from_a_clone(tmp_path, monkeypatc
     assert len(ran) >= 4
     assert (tmp_path / "runs/rte/export/lightning_merge.json").is_file()
     assert (tmp_path / "runs/rte/fisher.safetensors").is_file()
+    assert (tmp_path / "runs/rte/gram.safetensors").is_file()

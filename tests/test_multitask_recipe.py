@@ -8,7 +8,8 @@ from pathlib import Path
 from tests.processes import run_in_group
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"unmerged", "ensemble", "averaging", "task_arithmetic", "ties", "dare_ties", "fisher", "mask_fisher"}
+METHODS = {"unmerged", "ensemble", "averaging", "task_arithmetic", "ties", "dare_ties", "fisher", "mask_fisher",
+           "regmean"}
 
 
 def test_multitask_digits_recipe_runs_every_method(tmp_path):

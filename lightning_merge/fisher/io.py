@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lightning_merge.tensor_files import SafetensorsWriter
+from lightning_merge.tensor_files import save_tensors
 
 REQUIRED_METADATA = ("num_examples", "variant")
 
@@ -24,19 +24,7 @@ def save_fisher(path: str | os.PathLike, fisher: dict[str, torch.Tensor], metada
     for name, value in fisher.items():
         if not torch.isfinite(value).all() or (value < 0).any():
             raise ValueError(f"Fisher entry {name!r} has NaN, Inf or negative values; not writing {path}")
-    # Sorted header and tensors, written by our own writer: safetensors' save_file orders the metadata
-    # differently in every process, and a Fisher file must be the same bytes for the same inputs.
-    header = {k: metadata[k] if isinstance(metadata[k], str) else json.dumps(metadata[k], sort_keys=True)
-              for k in sorted(metadata)}
-    names = sorted(fisher)
-    writer = SafetensorsWriter(path, {n: (torch.float32, fisher[n].shape) for n in names}, header)
-    try:
-        for name in names:
-            writer.write(name, fisher[name])
-    except BaseException:
-        writer.abort()
-        raise
-    writer.commit()
+    save_tensors(path, {n: v.float() for n, v in fisher.items()}, metadata)
     return path
 
 

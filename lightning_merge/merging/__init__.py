@@ -2,7 +2,7 @@
 the driver (:class:`MergePlan`) validates its inputs once and runs it in memory or streamed alike.
 
 Methods: isotropic and Fisher averaging (NeurIPS paper §2, eq. 4; paper 003 §3 for mask-node
-Fishers), task arithmetic, TIES and DARE. Coefficient searches: fixed, grid, Dirichlet, scale grids.
+Fishers), task arithmetic, TIES, DARE and RegMean. Coefficient searches: fixed, grid, Dirichlet, scale grids.
 """
 
 from lightning_merge.merging.base import BASE, CONVEX, SCALE, MergeMethod, Piece
@@ -17,6 +17,7 @@ from lightning_merge.merging.formulas import (
     normalize_coefficients,
 )
 from lightning_merge.merging.methods import FisherMerge, IsotropicMerge
+from lightning_merge.merging.regmean import RegMeanMerge
 from lightning_merge.merging.search import (
     CoefficientSearch,
     DirichletSearch,
@@ -31,7 +32,7 @@ from lightning_merge.merging.tensors import CheckpointTensors, MemoryTensors, St
 
 __all__ = ["BASE", "CHUNK", "CONVEX", "ISOTROPIC", "SCALE", "TARGET", "CheckpointTensors", "CoefficientSearch",
            "DareMerge", "DirichletSearch", "FisherMerge", "FixedCoefficients", "FlatLayout", "FlatMerger",
-           "GridSearch", "IsotropicMerge", "MemoryTensors", "MergeMethod", "MergePlan", "Piece", "ScaleSearch",
+           "GridSearch", "IsotropicMerge", "MemoryTensors", "MergeMethod", "MergePlan", "Piece", "RegMeanMerge", "ScaleSearch",
            "Statistics", "TaskArithmetic", "TiesMerging", "check_coefficients", "check_statistics", "fisher_merge",
            "isotropic_merge", "merge_bodies", "merge_checkpoints", "merge_safetensors", "merge_state_dicts",
            "merged_state", "normalize_coefficients", "shared_body_names"]

@@ -8,7 +8,10 @@ A method declares
   vectors are taken from), read like a model;
 * ``coefficients``: ``convex`` (``λ_i ≥ 0`` normalized to sum 1: weights of an average) or ``scale``
   (``λ_i ≥ 0`` used as given: scales of task vectors);
-* its hyper-parameters as typed ``__init__`` arguments (jsonargparse checks them when parsing YAML).
+* its hyper-parameters as typed ``__init__`` arguments (jsonargparse checks them when parsing YAML);
+* optionally ``whole_rows = True``: every piece of a matrix holds whole rows (RegMean solves per row);
+  ``open_input`` (its own reader of a per-model input) and ``check_inputs(name, readers)`` (a check
+  across all models' readers of one input, run when they are opened).
 
 and implements :meth:`merge` on a :class:`Piece` — the same slice of one tensor in every model and
 input — and optionally :meth:`prepare`, a pass over all pieces before any merge (global statistics
@@ -47,6 +50,7 @@ class MergeMethod:
     model_inputs: tuple[str, ...] = ()
     shared_inputs: tuple[str, ...] = ()
     coefficients: ClassVar[Literal["convex", "scale"]] = CONVEX
+    whole_rows: ClassVar[bool] = False
 
     def __init__(self, name: str) -> None:
         self.name = name

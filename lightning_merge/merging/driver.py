@@ -78,6 +78,9 @@ class MergePlan:
                     self.inputs[key].append(opened)
                     if checked[i] and opened.path is not None:
                         self._check_provenance(opened, i)
+                joint_check = getattr(method, "check_inputs", None)
+                if joint_check is not None:
+                    joint_check(key, self.inputs[key])
         except BaseException:
             self.close()
             raise
@@ -105,9 +108,15 @@ class MergePlan:
         if note:
             warnings.warn(note, stacklevel=4)
 
+    def _chunk(self, name: str) -> int:
+        shape = self.shapes[name]
+        if not getattr(self.method, "whole_rows", False) or len(shape) < 2:
+            return self.chunk
+        return max(shape[-1], self.chunk // shape[-1] * shape[-1])  # whole rows of a matrix per piece
+
     def pieces(self) -> Iterator[Piece]:
         for name in self.names:
-            for start, stop in slices(self.shapes[name].numel(), self.chunk):
+            for start, stop in slices(self.shapes[name].numel(), self._chunk(name)):
                 yield Piece(name, start, stop, [m.read(name, start, stop) for m in self.models],
                             {k: [s.read(name, start, stop) for s in v] for k, v in self.inputs.items()},
                             {k: r.read(name, start, stop) for k, r in self.shared.items()})

@@ -123,8 +123,6 @@ class FisherEstimationModule(pl.LightningModule):
         strategy.barrier()
 
     def metadata(self, num_examples: int) -> dict[str, object]:
-        datamodule = self.trainer.datamodule
-        hp = getattr(datamodule, "hparams", {})
         return {
             "num_examples": num_examples,
             "variant": self.variant,
@@ -133,10 +131,19 @@ class FisherEstimationModule(pl.LightningModule):
                if self.hparams.kind == MASK else {}),
             "samples_per_example": self.hparams.num_samples if self.variant == "sampled" else 0,
             "num_labels": self.backbone.num_labels,
-            "model_source": str(getattr(self.backbone, "name_or_path", None)
-                                or getattr(self.backbone, "checkpoint", None) or self.backbone.family),
-            "dataset": f"{type(datamodule).__name__}:{hp.get('task', hp.get('source', ''))}",
-            "split": str(hp.get("predict_split", "train")),
-            "library_version": f"lightning_merge {lightning_merge.__version__}",
-            FINGERPRINT_KEY: fingerprint_tensors(dict(self.backbone.model.named_parameters())),
+            **provenance(self.backbone, self.trainer.datamodule),
         }
+
+
+def provenance(backbone: Backbone, datamodule) -> dict[str, object]:
+    """Where a statistics file came from: the model (its source and weight fingerprint), the data and
+    split, the library version (header fields shared by Fisher and Gram files)."""
+    hp = getattr(datamodule, "hparams", {})
+    return {
+        "model_source": str(getattr(backbone, "name_or_path", None) or getattr(backbone, "checkpoint", None)
+                            or backbone.family),
+        "dataset": f"{type(datamodule).__name__}:{hp.get('task', hp.get('source', ''))}",
+        "split": str(hp.get("predict_split", "train")),
+        "library_version": f"lightning_merge {lightning_merge.__version__}",
+        FINGERPRINT_KEY: fingerprint_tensors(dict(backbone.model.named_parameters())),
+    }

@@ -1,0 +1,107 @@
+"""Gram matrices of linear layers' inputs, the statistics RegMean merges with (Jin et al., ICLR 2023,
+*Dataless Knowledge Fusion by Merging Weights of Language Models*, §3: ``G = Xᵀ X`` of a layer's input
+``X``, one row per token).
+
+Forward pre-hooks on every body ``nn.Linear`` add ``Σ x xᵀ`` of the
+layer's input over the batch's *real* tokens: rows at padded positions (``attention_mask == 0``) are
+left out, so the same examples padded to any length give the same Gram. Layers that read the very
+same input tensor one after another (BERT's query, key and value; any fan-out of one activation) share
+one Gram, stored once under the first layer's name. Sums only: nothing is divided, so Grams of
+several processes or files add up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import nn
+
+
+def linear_layers(model: nn.Module, is_head=lambda name: False) -> dict[str, nn.Linear]:
+    """The layers RegMean merges: every ``nn.Linear`` outside the task head, by module name. (GPT-2's
+    ``Conv1D`` stores its weight ``in × out``; it joins when that family does.)"""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not is_head(f"{name}.weight")}
+
+
+class GramAccumulator:
+    """``Σ x xᵀ`` of each layer's input rows, in ``dtype`` (float32, or float64 for long runs).
+
+    Use ``with accumulator.capture(real)`` around a forward pass, ``real`` the batch's ``(B, T)``
+    attention mask (``None``: every position is real, as in a ViT). ``sums`` maps each Gram's key (the
+    first layer reading that input) to its sum, ``rows`` to how many rows it summed, and ``shared`` maps
+    every layer to its Gram's key.
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module], dtype: torch.dtype = torch.float32) -> None:
+        self.layers, self.dtype = dict(layers), dtype
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.shared: dict[str, str] = {}
+        self._real: torch.Tensor | None = None
+        self._capturing = False
+        self._previous: tuple[torch.Tensor, str] | None = None
+        self._seen: dict[str, str] = {}
+        self._handles = [layer.register_forward_pre_hook(partial(self._hook, name))
+                         for name, layer in self.layers.items()]
+
+    @contextmanager
+    def capture(self, real: torch.Tensor | None) -> Iterator[None]:
+        self._real = None if real is None else real.bool()
+        self._capturing, self._previous, self._seen = True, None, {}
+        try:
+            yield
+        finally:
+            self._capturing, self._previous, self._real = False, None, None
+        self._check_sharing()
+
+    def _check_sharing(self) -> None:
+        missing = [n for n in self.layers if n not in self._seen]
+        if missing:
+            raise RuntimeError(f"layers {missing[:5]} did not run in the forward pass: their Gram would be empty")
+        if not self.shared:
+            self.shared = dict(self._seen)
+        elif self._seen != self.shared:  # the same model must share inputs the same way in every batch
+            raise RuntimeError("layers shared their inputs differently in two batches; Grams cannot be keyed")
+
+    def _rows(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1]
+        real = self._real
+        if real is None or x.dim() == 2:  # no padding, or one row per example (a pooler's first token)
+            return x.reshape(-1, d)
+        if tuple(x.shape[:-1]) != tuple(real.shape):
+            raise ValueError(f"layer {name!r} reads an input of shape {tuple(x.shape)} that the attention mask "
+                             f"{tuple(real.shape)} does not describe: cannot tell its padded rows")
+        return x[real]
+
+    def _hook(self, name: str, module: nn.Module, args: tuple) -> None:
+        if not self._capturing:
+            return
+        if name in self._seen:
+            raise RuntimeError(f"layer {name!r} ran twice in one forward pass; shared modules are not supported")
+        x = args[0]
+        if self._previous is not None and x is self._previous[0]:
+            self._seen[name] = self._previous[1]
+            return
+        rows = self._rows(name, x.detach()).to(self.dtype)
+        total = self.sums.get(name)
+        if total is None:
+            total = self.sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype, device=rows.device)
+            self.rows[name] = 0
+        total.addmm_(rows.T, rows)
+        self.rows[name] += rows.shape[0]
+        self._seen[name] = name
+        self._previous = (x, name)
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def weight_keys(layers: Mapping[str, nn.Module], shared: Mapping[str, str]) -> dict[str, str]:
+    """Weight parameter name -> the key of the Gram of its layer's input (the header's ``gram_keys``)."""
+    return {f"{name}.weight": shared[name] for name in layers}

@@ -7,6 +7,7 @@ closed. A written file goes to a hidden temporary name and is renamed once compl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from lightning_merge.atomic import create_hidden_file
+from lightning_merge.atomic import create_hidden_file, staged_file
 
-WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+WEIGHTS_NAME, INDEX_NAME, INDEX_SUFFIX = "model.safetensors", "model.safetensors.index.json", ".index.json"
+SHARD_BYTES = 4 << 30  # default largest shard of a sharded statistics file
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
@@ -86,20 +88,42 @@ class SafetensorsFile:
         self.close()
 
 
+def is_index(path: str | os.PathLike) -> bool:
+    """A sharded file's index (``*.index.json``: ``weight_map`` tensor -> shard, ``metadata``)."""
+    return str(path).endswith(INDEX_SUFFIX)
+
+
 class Checkpoint:
-    """Tensors by name from one safetensors file, a folder holding ``model.safetensors``, or a sharded
-    folder (``model.safetensors.index.json``)."""
+    """Tensors by name from one safetensors file, a folder holding ``model.safetensors``, a sharded
+    folder (``model.safetensors.index.json``), or a sharded file named by its index
+    (``NAME.safetensors.index.json``: statistics files too large for one file). ``metadata`` is the
+    file's header, or the index's ``metadata``."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         path = Path(path)
-        if path.is_dir() and (path / INDEX_NAME).is_file():
-            weight_map = json.loads((path / INDEX_NAME).read_text())["weight_map"]
-            files = {f: SafetensorsFile(path / f) for f in sorted(set(weight_map.values()))}
+        index = path / INDEX_NAME if path.is_dir() else path if is_index(path) else None
+        if index is not None and (index.is_file() or is_index(path)):
+            try:
+                data = json.loads(index.read_text())
+                weight_map = data["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{index} is not a readable shard index (corrupt, truncated or missing): "
+                                 f"{err}") from err
+            self.metadata = {k: v if isinstance(v, str) else json.dumps(v)
+                             for k, v in (data.get("metadata") or {}).items()}
+            files: dict[str, SafetensorsFile] = {}
+            try:
+                for f in sorted(set(weight_map.values())):
+                    files[f] = SafetensorsFile(index.parent / f)
+            except BaseException:
+                for opened in files.values():
+                    opened.close()
+                raise
             self.where = {name: files[f] for name, f in weight_map.items()}
             self.files = list(files.values())
         else:
             file = SafetensorsFile(path / WEIGHTS_NAME if path.is_dir() else path)
-            self.where, self.files = dict.fromkeys(file.keys(), file), [file]
+            self.where, self.files, self.metadata = dict.fromkeys(file.keys(), file), [file], file.metadata
         self.path = path
 
     def keys(self) -> list[str]:
@@ -113,6 +137,12 @@ class Checkpoint:
     def close(self) -> None:
         for f in self.files:
             f.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class SafetensorsWriter:
@@ -153,18 +183,64 @@ class SafetensorsWriter:
         Path(self.tmp).unlink(missing_ok=True)
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> Path:
-    """Write ``tensors`` (each in its own dtype) with ``metadata`` in the header, atomically. Header and
-    tensors are sorted and written by :class:`SafetensorsWriter` (safetensors' ``save_file`` orders the
-    metadata differently in every process): the same inputs give the same bytes. Non-string metadata
-    values are stored as JSON."""
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, object],
+                 shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write ``tensors`` (each in its own dtype) with ``metadata`` in the header, atomically. A ``path``
+    ending in ``.index.json`` is written sharded: shards of at most ``shard_bytes`` (a larger tensor
+    alone) named ``NAME-<content hash>-00001-of-0000N.safetensors`` beside it, each with the header, then
+    the index (``metadata`` and ``weight_map``, as Hugging Face's) last: the index is the file's completion
+    mark. Shards of new content get new names, so a failed rewrite leaves the previous index and all its
+    shards intact; once the new index is in place, shards only the old one named are removed.
+
+    Header and tensors are sorted and written by :class:`SafetensorsWriter` (safetensors' ``save_file``
+    orders the metadata differently in every process): the same inputs give the same bytes. Non-string
+    metadata values are stored as JSON."""
+    path = Path(path)
     header = {k: metadata[k] if isinstance(metadata[k], str) else json.dumps(metadata[k], sort_keys=True)
               for k in sorted(metadata)}
     names = sorted(tensors)
-    writer = SafetensorsWriter(path, {n: (tensors[n].dtype, tensors[n].shape) for n in names}, header)
+    if not is_index(path):
+        return _write_file(path, {n: tensors[n] for n in names}, header)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    stem = path.name[:-len(INDEX_SUFFIX)].removesuffix(".safetensors")
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for name in names:
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    token = digest.hexdigest()[:10]  # new content, new names: the old index's shards stay intact until replaced
+    previous = _shards_of(path)
+    weight_map = {}
+    for i, group in enumerate(shards):
+        shard = f"{stem}-{token}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_file(path.parent / shard, {n: tensors[n] for n in group}, header)
+        weight_map.update(dict.fromkeys(group, shard))
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps({"metadata": header, "weight_map": weight_map}, indent=1, sort_keys=True) + "\n")
+    for stale in previous - set(weight_map.values()):
+        (path.parent / stale).unlink(missing_ok=True)
+    return path
+
+
+def _shards_of(index: Path) -> set[str]:
     try:
-        for name in names:
-            writer.write(name, tensors[name])
+        return set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def _write_file(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
+    writer = SafetensorsWriter(path, {n: (t.dtype, t.shape) for n, t in tensors.items()}, header)
+    try:
+        for name, values in tensors.items():
+            writer.write(name, values)
     except BaseException:
         writer.abort()
         raise

@@ -8,15 +8,16 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from lightning_merge.tensor_files import save_tensors
+from lightning_merge.tensor_files import SHARD_BYTES, Checkpoint, save_tensors
 
 REQUIRED_METADATA = ("num_examples", "variant")
 
 
-def save_fisher(path: str | os.PathLike, fisher: dict[str, torch.Tensor], metadata: dict[str, object]) -> Path:
-    """Write ``fisher`` (parameter name → mean squared gradient) with ``metadata`` in the header."""
+def save_fisher(path: str | os.PathLike, fisher: dict[str, torch.Tensor], metadata: dict[str, object],
+                shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write ``fisher`` (parameter name → mean squared gradient) with ``metadata`` in the header; a
+    ``path`` ending in ``.safetensors.index.json`` is written in shards of at most ``shard_bytes``."""
     path = Path(path)
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
@@ -24,14 +25,13 @@ def save_fisher(path: str | os.PathLike, fisher: dict[str, torch.Tensor], metada
     for name, value in fisher.items():
         if not torch.isfinite(value).all() or (value < 0).any():
             raise ValueError(f"Fisher entry {name!r} has NaN, Inf or negative values; not writing {path}")
-    save_tensors(path, {n: v.float() for n, v in fisher.items()}, metadata)
-    return path
+    return save_tensors(path, {n: v.float() for n, v in fisher.items()}, metadata, shard_bytes)
 
 
 def read_fisher_metadata(path: str | os.PathLike) -> dict[str, object]:
     """The header facts (numbers decoded), without reading any tensor."""
-    with _open(path) as f:
-        raw = f.metadata() or {}
+    with open_statistics(path) as f:
+        raw = f.metadata or {}
     out: dict[str, object] = {}
     for key, value in raw.items():
         try:
@@ -43,31 +43,33 @@ def read_fisher_metadata(path: str | os.PathLike) -> dict[str, object]:
 
 def load_fisher(path: str | os.PathLike, names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Load all (or the named) Fisher tensors; missing names and non-finite values are errors."""
-    with _open(path) as f:
+    with open_statistics(path) as f:
         available = set(f.keys())
         wanted = sorted(available) if names is None else names
         absent = [n for n in wanted if n not in available]
         if absent:
             raise KeyError(f"{path} has no Fisher for {absent[:8]}{' ...' if len(absent) > 8 else ''}")
-        return {n: f.get_tensor(n) for n in wanted}
+        return {n: f.read_tensor(n) for n in wanted}
 
 
-def _open(path: str | os.PathLike):
+def open_statistics(path: str | os.PathLike) -> Checkpoint:
+    """A statistics file (one ``.safetensors``, or a sharded one named by its ``.index.json``), with
+    errors that name it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Fisher file {path} does not exist")
+        raise FileNotFoundError(f"statistics file {path} does not exist")
     try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors Fisher file (corrupt or truncated): {err}") from err
+        return Checkpoint(path)
+    except (OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a readable statistics file (corrupt or truncated): {err}") from err
 
 
 def describe_statistics(path: str | os.PathLike, tensors: bool = False) -> str:
-    """What a statistics file holds, readable without any model: its header (the fingerprint and mask
-    layout summarized), how many tensors of which dtypes and how many values, their total, and with
+    """What a statistics file holds (a Fisher, mask Fisher or Gram file, one file or sharded), readable
+    without any model: its header (the fingerprint, mask layout and Gram maps summarized), how many tensors of which dtypes and how many values, their total, and with
     ``tensors`` one line per tensor (shape, dtype, sum, max). Tensors are read one at a time."""
-    from lightning_merge.tensor_files import SafetensorsFile
-
     lines = [str(path)]
     metadata = read_fisher_metadata(path)
     for key in sorted(metadata):
@@ -76,8 +78,12 @@ def describe_statistics(path: str | os.PathLike, tensors: bool = False) -> str:
             value = f"{len(value)} tensors fingerprinted"
         elif key == "mask_layout" and isinstance(value, dict):
             value = f"{len(value)} mask sites"
+        elif key == "gram_keys" and isinstance(value, dict):
+            value = f"{len(value)} weights use {len(set(value.values()))} Grams"
+        elif key == "gram_rows" and isinstance(value, dict):
+            value = f"{min(value.values(), default=0):,}..{max(value.values(), default=0):,} rows per Gram"
         lines.append(f"  {key}: {value}")
-    with SafetensorsFile(path) as file:
+    with open_statistics(path) as file:
         names = file.keys()
         dtypes = sorted({str(file.dtype(n)).replace("torch.", "") for n in names})
         total, count, rows = 0.0, 0, []

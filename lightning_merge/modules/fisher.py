@@ -38,7 +38,8 @@ class FisherEstimationModule(pl.LightningModule):
 
     Args:
         backbone: the fine-tuned model (e.g. a fine-tune stage's ``export`` directory).
-        output: the ``.safetensors`` file to write.
+        output: the ``.safetensors`` file to write; a name ending in ``.safetensors.index.json`` writes
+            shards of at most ``shard_mb`` MiB and that index (for models too large for one file).
         kind: ``full`` (every parameter) or ``mask`` (one mask per attention head and FFN unit; paper
             003 §3, eq. 4), stored compactly with its layout and expanded only when merging.
         variant: ``exact`` (expectation over all labels), ``sampled`` (``num_samples`` labels from the
@@ -48,7 +49,8 @@ class FisherEstimationModule(pl.LightningModule):
     """
 
     def __init__(self, backbone: Backbone, output: str, variant: Variant = AUTO, kind: Kind = FULL,
-                 num_samples: PositiveInt = 1, max_exact_classes: PositiveInt = 64, seed: int = 0) -> None:
+                 num_samples: PositiveInt = 1, max_exact_classes: PositiveInt = 64, seed: int = 0,
+                 shard_mb: PositiveInt = 4096) -> None:
         super().__init__()
         if kind not in (FULL, MASK):
             raise ValueError(f"Unknown Fisher kind {kind!r}; choose {FULL!r} (every parameter) or {MASK!r}")
@@ -116,7 +118,7 @@ class FisherEstimationModule(pl.LightningModule):
             raise ValueError("Fisher estimation saw no examples: the predict dataset is empty")
         fisher = {name: strategy.reduce(s, reduce_op="sum") / total for name, s in sums.items()}
         if self.trainer.is_global_zero:
-            save_fisher(self.hparams.output, fisher, self.metadata(total))
+            save_fisher(self.hparams.output, fisher, self.metadata(total), self.hparams.shard_mb << 20)
             self.summary = (f"wrote the {self.variant} {self.hparams.kind} Fisher of {total} examples to "
                             f"{self.hparams.output}")
             rank_zero_info(self.summary[0].upper() + self.summary[1:])

@@ -8,6 +8,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_merge.atomic import check_writable
@@ -30,11 +31,13 @@ class GramEstimationModule(pl.LightningModule):
 
     Args:
         backbone: the fine-tuned model (e.g. a fine-tune stage's ``export`` directory).
-        output: the ``.safetensors`` file to write.
+        output: the ``.safetensors`` file to write; a name ending in ``.safetensors.index.json`` writes
+            shards of at most ``shard_mb`` MiB and that index.
         dtype: accumulate (and store) in ``float32`` or ``float64``.
     """
 
-    def __init__(self, backbone: Backbone, output: str, dtype: Literal["float32", "float64"] = "float32") -> None:
+    def __init__(self, backbone: Backbone, output: str, dtype: Literal["float32", "float64"] = "float32",
+                 shard_mb: PositiveInt = 4096) -> None:
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"GramEstimationModule(dtype={dtype!r}): choose float32 or float64")
@@ -77,7 +80,8 @@ class GramEstimationModule(pl.LightningModule):
         if self.trainer.is_global_zero:
             metadata = {"num_examples": total, "num_tokens": max(rows.values()), "dtype": self.hparams.dtype,
                         **provenance(self.backbone, self.trainer.datamodule)}
-            save_gram(self.hparams.output, sums, rows, weight_keys(self.layers, engine.shared), metadata)
+            save_gram(self.hparams.output, sums, rows, weight_keys(self.layers, engine.shared), metadata,
+                      shard_bytes=self.hparams.shard_mb << 20)
             self.summary = (f"wrote {len(sums)} Grams ({len(self.layers)} linear layers) of {total} examples to "
                             f"{self.hparams.output}")
             rank_zero_info(self.summary[0].upper() + self.summary[1:])

@@ -12,17 +12,18 @@ from pathlib import Path
 
 import torch
 
-from lightning_merge.fisher.io import read_fisher_metadata
-from lightning_merge.tensor_files import SafetensorsFile, save_tensors
+from lightning_merge.fisher.io import open_statistics, read_fisher_metadata
+from lightning_merge.tensor_files import SHARD_BYTES, Checkpoint, save_tensors
 
 KIND = "gram"
 SYMMETRY_TOLERANCE = 1e-5  # |G − Gᵀ| relative to the largest diagonal entry
 
 
 def save_gram(path: str | os.PathLike, sums: Mapping[str, torch.Tensor], rows: Mapping[str, int],
-              keys: Mapping[str, str], metadata: Mapping[str, object]) -> Path:
+              keys: Mapping[str, str], metadata: Mapping[str, object], shard_bytes: int = SHARD_BYTES) -> Path:
     """Write Gram sums (symmetrized: ``(G + Gᵀ)/2`` removes the GEMM's rounding asymmetry), with
-    ``gram_keys`` (weight name -> Gram key) and ``gram_rows`` (Gram key -> rows summed) in the header."""
+    ``gram_keys`` (weight name -> Gram key) and ``gram_rows`` (Gram key -> rows summed) in the header; a
+    ``path`` ending in ``.safetensors.index.json`` is written in shards of at most ``shard_bytes``."""
     grams = {}
     for key, value in sums.items():
         if not torch.isfinite(value).all():
@@ -32,7 +33,7 @@ def save_gram(path: str | os.PathLike, sums: Mapping[str, torch.Tensor], rows: M
     if absent:
         raise ValueError(f"gram_keys names Grams that are not given: {absent[:5]}")
     return save_tensors(path, grams, {**metadata, "kind": KIND, "gram_keys": dict(keys),
-                                      "gram_rows": {k: int(rows[k]) for k in grams}})
+                                      "gram_rows": {k: int(rows[k]) for k in grams}}, shard_bytes)
 
 
 def check_gram(gram: torch.Tensor, weight: str, weight_shape: torch.Size, label: str) -> None:
@@ -64,7 +65,7 @@ class GramInput:
                  label: str, in_memory: bool = False) -> None:
         self.label = label
         self.path = None if isinstance(source, Mapping) else Path(source)
-        self.file: SafetensorsFile | None = None
+        self.file: Checkpoint | None = None
         self._cache: tuple[str | None, torch.Tensor | None] = (None, None)
         if self.path is None:
             self.metadata: dict = {}
@@ -76,7 +77,7 @@ class GramInput:
                 raise ValueError(f"{label}: {self.path} is not a Gram file (its header has no kind: gram and "
                                  f"gram_keys): estimate one with GramEstimationModule")
             self.keys = dict(self.metadata["gram_keys"])
-            self.file = SafetensorsFile(self.path)
+            self.file = open_statistics(self.path)
             absent = sorted(set(self.keys.values()) - set(self.file.keys()))
             if absent:
                 raise ValueError(f"{label}: {self.path} lacks the Grams its header names: {absent[:5]}")

@@ -5,10 +5,11 @@
 #   1 target  fine-tune on TARGET_TASK          -> $OUT_DIR/target/export
 #   2 donor   fine-tune on DONOR_TASK           -> $OUT_DIR/donor/export
 #   3 fisher  exact Fisher of both              -> $OUT_DIR/fisher/{target,donor}.safetensors
+#   3b gram   Gram matrices of both (RegMean)   -> $OUT_DIR/gram/{target,donor}.safetensors
 #   4 merge   grid search, held-out scores      -> $OUT_DIR/results.csv, score_vs_lambda.png, merged/
 # Environment (defaults): TARGET_TASK (RTE), DONOR_TASK (SST-2), DATA_DIR (../shared/data/glue),
 # OUT_DIR (outputs/glue_intermediate_minilm), EPOCHS (3), MAX_TRAIN_EXAMPLES (all), FISHER_EXAMPLES
-# (4096), GRID_POINTS (50), FORCE=1 re-runs finished stages, EXTRA_ARGS go to every stage
+# (4096), GRAM_EXAMPLES (1000), GRID_POINTS (50), FORCE=1 re-runs finished stages, EXTRA_ARGS go to every stage
 # (e.g. "--trainer.devices 2 --trainer.strategy ddp").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,6 +21,7 @@ OUT_DIR=${OUT_DIR:-outputs/glue_intermediate_minilm}
 EPOCHS=${EPOCHS:-3}
 MAX_TRAIN_EXAMPLES=${MAX_TRAIN_EXAMPLES:-null}
 FISHER_EXAMPLES=${FISHER_EXAMPLES:-4096}
+GRAM_EXAMPLES=${GRAM_EXAMPLES:-1000}
 GRID_POINTS=${GRID_POINTS:-50}
 FORCE=${FORCE:-0}
 HERE=recipes/glue_intermediate_minilm
@@ -46,14 +48,26 @@ fisher() {  # fisher ROLE TASK
     --trainer.default_root_dir "$OUT_DIR/fisher" ${EXTRA_ARGS:-}
 }
 
+gram() {  # gram ROLE TASK
+  done_already "$OUT_DIR/gram/$1.safetensors" "gram $1 ($2)" && return
+  lightning-merge predict --config configs/data/glue.yaml --config configs/gram/glue.yaml \
+    --model.init_args.backbone.init_args.name_or_path "$OUT_DIR/$1/export" \
+    --model.init_args.output "$OUT_DIR/gram/$1.safetensors" \
+    --data.init_args.task "$2" --data.init_args.data_dir "$DATA_DIR" \
+    --data.init_args.max_predict_examples "$GRAM_EXAMPLES" \
+    --trainer.default_root_dir "$OUT_DIR/gram" ${EXTRA_ARGS:-}
+}
+
 finetune target "$TARGET_TASK"
 finetune donor "$DONOR_TASK"
 fisher target "$TARGET_TASK"
 fisher donor "$DONOR_TASK"
+gram target "$TARGET_TASK"
+gram donor "$DONOR_TASK"
 if ! done_already "$OUT_DIR/results.json" "merge $TARGET_TASK ← $DONOR_TASK"; then
-  MODELS="[{path: target/export, fisher: fisher/target.safetensors, data: {class_path: lightning_merge.data.GlueDataModule,
+  MODELS="[{path: target/export, fisher: fisher/target.safetensors, inputs: {gram: gram/target.safetensors}, data: {class_path: lightning_merge.data.GlueDataModule,
            init_args: {task: $TARGET_TASK, data_dir: $(realpath "$DATA_DIR"), eval_batch_size: 64}}},
-          {path: donor/export, fisher: fisher/donor.safetensors}]"
+          {path: donor/export, fisher: fisher/donor.safetensors, inputs: {gram: gram/donor.safetensors}}]"
   lightning-merge validate --config "$HERE/merge.yaml" --model.init_args.root_dir "$OUT_DIR" --trainer.default_root_dir "$OUT_DIR" \
     --model.init_args.models "$MODELS" --model.init_args.search.init_args.points "$GRID_POINTS" ${EXTRA_ARGS:-}
 fi

@@ -5,6 +5,7 @@
 # reported, beside each Fisher's wall time.
 #   1 finetune  one model per task in TASKS                 -> $OUT_DIR/<task>/export
 #   2 fisher    full and mask Fisher per task and size       -> $OUT_DIR/fisher/<n>/<task>.{full,mask}.safetensors, timings.csv
+#   2b gram     Gram matrices per task (RegMean)             -> $OUT_DIR/gram/<task>.safetensors
 #   3 merge     every pair, every size                       -> $OUT_DIR/pairs/<n>/<a>+<b>/results.csv
 #   4 report    median normalized score per method and size  -> $OUT_DIR/summary.csv
 # Environment (defaults): TASKS ("RTE SST-2"), MODEL_CONFIG (configs/model/minilm.yaml;
@@ -54,9 +55,19 @@ for n in $FISHER_SIZES; do
   done
 done
 
+for task in $TASKS; do
+  out="$OUT_DIR/gram/$task.safetensors"
+  done_already "$out" "gram $task" && continue
+  lightning-merge predict --config configs/data/glue.yaml --config configs/gram/glue.yaml \
+    --model.init_args.backbone.init_args.name_or_path "$OUT_DIR/$task/export" --model.init_args.output "$out" \
+    --data.init_args.task "$task" --data.init_args.data_dir "$DATA_DIR" --trainer.default_root_dir "$OUT_DIR/gram" \
+    --trainer.enable_progress_bar false ${EXTRA_ARGS:-}
+done
+
 read -r -a tasks <<< "$TASKS"
 spec() {  # spec TASK N
   echo "{path: $1/export, fisher: fisher/$2/$1.full.safetensors, mask_fisher: fisher/$2/$1.mask.safetensors,
+         inputs: {gram: gram/$1.safetensors},
          data: {class_path: lightning_merge.data.GlueDataModule, init_args: {task: $1, data_dir: $(realpath "$DATA_DIR" 2>/dev/null || echo "$DATA_DIR")}}}"
 }
 for n in $FISHER_SIZES; do

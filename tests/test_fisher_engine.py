@@ -219,3 +219,32 @@ def test_masked_lm_with_tied_decoder_matches_the_loop(tiny_bert, tmp_path):
     name = "bert.embeddings.word_embeddings.weight"
     assert name in engine.sums and reference[name].abs().max() > 0
     assert_matches(engine.sums, reference, rtol=1e-5)
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(12, 9), torch.nn.Tanh(), torch.nn.Linear(9, 7),
+                                       torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_mlp_rank_one_products_match_the_loop(monkeypatch):
+    """Layers without a sequence dimension go through (g∘g)ᵀ(x∘x) and still equal the loop."""
+    torch.manual_seed(0)
+    model = _MLP().double().eval()
+    x = torch.randn(6, 12, dtype=torch.float64)
+    calls = []
+    real = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(torch, "bmm", None)  # no per-example (B, out, in) product at all
+    engine = PerExampleSquaredGradients(model, accumulate_dtype=torch.float64)
+    with engine.capture(6):
+        logits = model(x)
+        engine.accumulate(logits, exact_directions(logits))
+    engine.detach()
+    slow = reference_fisher_sums(model, lambda i: model(x[i:i + 1]), 6)
+    assert_matches(engine.sums, slow, rtol=1e-10)
+    assert len(calls) == 3 * 2  # three layers, C − 1 = 2 directions: one product each

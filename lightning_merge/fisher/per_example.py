@@ -8,6 +8,8 @@ taken with respect to the layer *outputs*; each example's parameter gradient is 
 
 * ``nn.Linear``: ``G_b = Σ_t g_bt ⊗ x_bt`` (one batched product, or on CPU one product per example
   over the rows where ``g_b`` is not zero: :mod:`~lightning_merge.fisher.zero_rows`), bias ``Σ_t g_bt``;
+  with one row per example (an MLP, a pooler, a head, or a last layer where only [CLS] carries
+  gradient) ``G_b`` is rank one and ``Σ_b G_b∘G_b = (g∘g)ᵀ(x∘x)``, a single product;
 * ``nn.LayerNorm``: ``Σ_t g_bt ⊙ x̂_bt`` with ``x̂`` the normalized input, bias ``Σ_t g_bt``;
 * ``nn.Embedding``: an ``index_add`` per (example, token id) pair;
 * ``nn.Conv2d`` patch embeddings (stride = kernel): a Linear over unfolded patches;
@@ -98,7 +100,12 @@ class _LinearSite(_Site):
         if "weight" in self.params:  # else a tie accumulates it (see _TiedEmbeddingLinear)
             target = sums[self.params["weight"]]
             lengths = active_prefix_lengths(g)
-            if lengths is None:
+            if g.shape[1] == 1 or (lengths is not None and max(lengths) <= 1):
+                # One row per example (no sequence, or only [CLS] carries gradient): G_b = g_b x_bᵀ is
+                # rank one, so Σ_b G_b∘G_b = (g∘g)ᵀ(x∘x): one GEMM, no (B, out, in) tensor.
+                g0, x0 = g[:, 0], x[:, 0]
+                target.add_(torch.mm(g0.square().T, x0.square()))
+            elif lengths is None:
                 per_example = self.workspace.get((g.shape[0], g.shape[-1], x.shape[-1]), g)
                 torch.bmm(g.transpose(1, 2), x, out=per_example)  # G_b = Σ_t g_bt x_btᵀ
                 target.add_(per_example.square_().sum(0))

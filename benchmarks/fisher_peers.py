@@ -45,8 +45,9 @@ TOLERANCE = 1e-3
 class Case:
     """A model, its batches (``(inputs: dict, labels)``), how it turns inputs into logits."""
 
-    def __init__(self, name, model, batches, call, num_classes):
+    def __init__(self, name, model, batches, call, num_classes, added=()):
         self.name, self.model, self.batches, self.call, self.num_classes = name, model, batches, call, num_classes
+        self.added = added  # what the Fisher engine must be told is added to a module's output
 
 
 def mlp_case(batches: int) -> Case:
@@ -76,7 +77,9 @@ def vit_case(batches: int) -> Case:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=10).eval()
     data = [({"x": torch.randn(16, 3, 32, 32)}, torch.randint(0, 10, (16,))) for _ in range(batches)]
-    return Case("vit_tiny", model, data, lambda m, inputs: m(inputs["x"]), 10)
+    from lightning_merge.backbones.timm_vit import vit_added_parameters
+
+    return Case("vit_tiny", model, data, lambda m, inputs: m(inputs["x"]), 10, vit_added_parameters(model))
 
 
 def directions_of(case: Case, inputs) -> torch.Tensor:
@@ -96,7 +99,7 @@ def project(case: Case):
     from lightning_merge.fisher.directions import exact_directions
 
     def step(inputs, labels):
-        engine = PerExampleSquaredGradients(case.model)
+        engine = PerExampleSquaredGradients(case.model, added_parameters=case.added)
         try:
             with engine.capture(len(labels)):
                 logits = case.call(case.model, inputs)
@@ -269,7 +272,8 @@ def run_case(case: Case, rounds: int, methods: list[str]) -> dict:
     reference = project(case)(*case.batches[0])
     for name in methods:
         try:  # each method gets its own copy: peers hook into (and extend) the modules they are given
-            step = METHODS[name](Case(case.name, copy.deepcopy(case.model), case.batches, case.call, case.num_classes))
+            own = copy.deepcopy(case.model)
+            step = METHODS[name](Case(case.name, own, case.batches, case.call, case.num_classes, case.added))
             if name == "train":
                 results[name] = {"correct": True, "max_rel_err": 0.0}
             else:

@@ -12,7 +12,7 @@ from tests.reference_fisher import reference_fisher_sums
 
 
 def fast_sums(backbone, batch, variant, labels=None, num_samples=1):
-    engine = PerExampleSquaredGradients(backbone.model)
+    engine = PerExampleSquaredGradients(backbone.model, added_parameters=backbone.added_parameters())
     try:
         with engine.capture(len(batch["labels"])):
             logits = backbone(batch)

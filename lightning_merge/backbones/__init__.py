@@ -2,12 +2,10 @@
 
 from pathlib import Path
 
-from lightning_merge.backbones.base import EXPORT_MANIFEST, Backbone, read_manifest
+from lightning_merge.backbones.base import EXPORT_MANIFEST, FAMILIES, Backbone, read_manifest
 from lightning_merge.backbones.hf_mlm import HFMaskedLM
 from lightning_merge.backbones.hf_text import HFTextClassifier, resolve_model_location
 from lightning_merge.backbones.timm_vit import TimmViT
-
-FAMILIES = {"hf_text": HFTextClassifier, "hf_mlm": HFMaskedLM, "timm_vit": TimmViT}
 
 
 def load_backbone(directory: str | Path, family: str | None = None) -> Backbone:
@@ -16,10 +14,9 @@ def load_backbone(directory: str | Path, family: str | None = None) -> Backbone:
     if family is None:
         family = read_manifest(directory).get("family", "hf_text") if Path(directory).is_dir() else "hf_text"
     if family not in FAMILIES:
-        raise ValueError(f"{directory}: unknown backbone family {family!r}; known: {sorted(FAMILIES)}")
-    if family == "timm_vit":
-        return TimmViT(checkpoint=str(directory))
-    return FAMILIES[family](str(directory))
+        raise ValueError(f"{directory}: unknown backbone family {family!r}; known: {sorted(FAMILIES)} (a family "
+                         f"registers itself when its module is imported)")
+    return FAMILIES[family].from_export(str(directory))
 
 
 __all__ = ["EXPORT_MANIFEST", "FAMILIES", "Backbone", "HFMaskedLM", "HFTextClassifier", "TimmViT", "load_backbone",

@@ -19,6 +19,8 @@ from torch import nn
 from lightning_merge.atomic import staged_directory
 
 EXPORT_MANIFEST = "lightning_merge.json"
+#: family name -> class; a family registers itself by subclassing :class:`Backbone` with a ``family``
+FAMILIES: dict[str, type[Backbone]] = {}
 
 
 class Backbone(nn.Module, ABC):
@@ -34,6 +36,17 @@ class Backbone(nn.Module, ABC):
     #: how inputs are prepared (timm's ``pretrained_cfg`` keys: input_size, mean, std, interpolation, ...)
     preprocessing: dict | None = None
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("family"):
+            FAMILIES[cls.family] = cls
+
+    @classmethod
+    def from_export(cls, directory: str) -> Backbone:
+        """Rebuild from an :meth:`export` folder (Hugging Face families also read plain checkpoint folders
+        and hub ids)."""
+        return cls(str(directory))
+
     @property
     @abstractmethod
     def num_labels(self) -> int:
@@ -46,6 +59,11 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def _export_files(self, directory: Path) -> dict:
         """Write the native files into ``directory``; return what the manifest needs to rebuild."""
+
+    def added_parameters(self) -> list:
+        """Parameters added to a module's output (:class:`~lightning_merge.backbones.mask_sites.AddedParameter`)
+        that the per-example Fisher engine cannot find from layer types alone; default: none."""
+        return []
 
     def mask_sites(self) -> list:
         """Where mask-node Fisher masks go (:class:`lightning_merge.backbones.mask_sites.MaskSite`, paper 003 §3)."""

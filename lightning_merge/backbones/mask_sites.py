@@ -1,5 +1,6 @@
-"""Where a backbone family's mask nodes sit (paper 003 §3: one mask per attention head and per FFN
-unit): a description each family gives of itself, read by the mask-node Fisher engine."""
+"""What a backbone family says about its own layout for the Fisher engines: where its mask nodes sit
+(paper 003 §3: one mask per attention head and per FFN unit), and which parameters are added to a
+module's output rather than used by a layer (a ViT's position embedding and class token)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,17 @@ import torch
 from torch import nn
 
 HEADS, FFN = "heads", "ffn"
+
+
+@dataclass(frozen=True)
+class AddedParameter:
+    """A parameter added to the output of ``module`` at its first ``tokens`` positions (all positions
+    when ``None``): an example's gradient of it is that output's gradient there, so the per-example
+    Fisher engine reads it from there (timm's ``pos_embed`` and ``cls_token`` before ``pos_drop``)."""
+
+    module: str
+    parameter: str
+    tokens: int | None = None
 
 
 @dataclass

@@ -8,11 +8,12 @@ from typing import Any
 
 import timm
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 from timm.models._hub import save_config_for_hf
 
 from lightning_merge.backbones.base import Backbone, read_manifest
-from lightning_merge.backbones.mask_sites import FFN, HEADS, MaskSite
+from lightning_merge.backbones.mask_sites import FFN, HEADS, AddedParameter, MaskSite
 
 WEIGHTS_FILE = "model.safetensors"
 TIMM_CONFIG = "config.json"
@@ -41,6 +42,17 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def vit_added_parameters(model: nn.Module) -> list[AddedParameter]:
+    """timm's ``x = cat(cls_token, patches) + pos_embed`` precedes ``pos_drop``: ``pos_embed`` is added at
+    every position of its output, ``cls_token`` is its first token."""
+    if getattr(model, "no_embed_class", False) or getattr(model, "num_reg_tokens", 0):
+        raise NotImplementedError(f"{type(model).__name__} without a class-token position embedding")
+    added = [AddedParameter("pos_drop", "pos_embed")] if getattr(model, "pos_embed", None) is not None else []
+    if getattr(model, "cls_token", None) is not None:
+        added.append(AddedParameter("pos_drop", "cls_token", tokens=1))
+    return added
 
 
 class TimmViT(Backbone):
@@ -110,9 +122,16 @@ class TimmViT(Backbone):
             raise ValueError(f"{checkpoint} does not match {self.model_name}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
 
+    @classmethod
+    def from_export(cls, directory: str) -> TimmViT:
+        return cls(checkpoint=str(directory))
+
     @property
     def num_labels(self) -> int:
         return self.model.num_classes
+
+    def added_parameters(self) -> list[AddedParameter]:
+        return vit_added_parameters(self.model)
 
     @property
     def img_size(self) -> int:

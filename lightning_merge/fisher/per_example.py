@@ -13,7 +13,8 @@ taken with respect to the layer *outputs*; each example's parameter gradient is 
 * ``nn.LayerNorm``: ``Σ_t g_bt ⊙ x̂_bt`` with ``x̂`` the normalized input, bias ``Σ_t g_bt``;
 * ``nn.Embedding``: an ``index_add`` per (example, token id) pair;
 * ``nn.Conv2d`` patch embeddings (stride = kernel): a Linear over unfolded patches;
-* timm ViT ``pos_embed`` / ``cls_token``: the gradient at the output of ``pos_drop``.
+* parameters a backbone says are added to a module's output (``added_parameters``: a ViT's
+  ``pos_embed`` and ``cls_token`` before ``pos_drop``): the gradient at that output.
 
 Inputs that are broadcast over the batch (BERT's default ``(1, T)`` position ids) are expanded to
 ``(B, ...)`` in the hook, so every captured gradient is an example's own. A parameter that no rule
@@ -22,13 +23,14 @@ covers is an error, never a silent zero.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_merge.backbones.mask_sites import AddedParameter
 from lightning_merge.fisher.zero_rows import active_prefix_lengths, freeze
 
 
@@ -166,15 +168,15 @@ class _PatchConvSite(_Site):
             sums[self.params["bias"]].add_(g.sum(-1).square_().sum(0))
 
 
-class _TimmPositionSite(_Site):
-    """``x = cat(cls_token, patches) + pos_embed`` precedes ``pos_drop``: its output gradient is the
-    per-example gradient of ``pos_embed``, and its first token's is that of ``cls_token``."""
+class _AddedParameterSite(_Site):
+    """Parameters added to this module's output (``params``: local key ``name@tokens`` -> full name): an
+    example's gradient of one is the output gradient at the positions it was added to."""
 
     def accumulate(self, grad, sums):
-        if "pos_embed" in self.params:
-            sums[self.params["pos_embed"]].add_(grad.square().sum(0, keepdim=True))
-        if "cls_token" in self.params:
-            sums[self.params["cls_token"]].add_(grad[:, :1].square().sum(0, keepdim=True))
+        for key, name in self.params.items():
+            tokens = self.tokens[key]
+            g = grad if tokens is None else grad[:, :tokens]
+            sums[name].add_(g.square().sum(0, keepdim=True).reshape(sums[name].shape))
 
 
 class _TiedEmbeddingLinear:
@@ -230,7 +232,8 @@ def _site_class(module: nn.Module, has_params: bool):
     return None
 
 
-def _sites(model: nn.Module) -> tuple[list[_Site], list[_TiedEmbeddingLinear]]:
+def _sites(model: nn.Module, added_parameters: Sequence[AddedParameter] = ()
+           ) -> tuple[list[_Site], list[_TiedEmbeddingLinear]]:
     """Every site, and the ties between them. A parameter reached through a module that computes
     nothing with it (BERT's ``cls.predictions.bias``, used by the decoder) belongs to its user."""
     canonical = {id(p): n for n, p in model.named_parameters()}  # tied parameters appear once here
@@ -258,12 +261,14 @@ def _sites(model: nn.Module) -> tuple[list[_Site], list[_TiedEmbeddingLinear]]:
                 ties.append(_TiedEmbeddingLinear(canonical[id(p)], embedding, linear))
             sites.append(site)
             continue
-        own = {n: canonical[id(p)] for n, p in trainable.items()}
-        if {"pos_embed", "cls_token"} & set(own) and hasattr(module, "pos_drop"):
-            if getattr(module, "no_embed_class", False) or getattr(module, "num_reg_tokens", 0):
-                raise NotImplementedError(f"{prefix}: ViT without class-token position embedding")
-            site = _TimmPositionSite(module.pos_drop, {k: v for k, v in own.items() if k in ("pos_embed", "cls_token")})
-            sites.append(site)
+    modules = dict(model.named_modules())
+    by_module: dict[str, list[AddedParameter]] = {}
+    for added in added_parameters:
+        by_module.setdefault(added.module, []).append(added)
+    for module_name, group in by_module.items():
+        site = _AddedParameterSite(modules[module_name], {f"{a.parameter}@{a.tokens}": a.parameter for a in group})
+        site.tokens = {f"{a.parameter}@{a.tokens}": a.tokens for a in group}
+        sites.append(site)
     for site in sites:
         _check_supported(site)
     return sites, ties
@@ -283,13 +288,15 @@ class PerExampleSquaredGradients:
 
     Use: ``with engine.capture(batch_size): logits = model(...)``, then ``engine.accumulate(logits, V)``
     with ``V`` of shape ``(K, B, C)`` (see :mod:`lightning_merge.fisher.directions`). Parameters are
-    frozen while the engine is attached and restored by :meth:`detach`.
+    frozen while the engine is attached and restored by :meth:`detach`. ``added_parameters``: what the
+    backbone says is added to a module's output (:meth:`Backbone.added_parameters`).
     """
 
-    def __init__(self, model: nn.Module, accumulate_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: nn.Module, accumulate_dtype: torch.dtype = torch.float32,
+                 added_parameters: Sequence[AddedParameter] = ()) -> None:
         self.model = model
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.sites, self.ties = _sites(model)
+        self.sites, self.ties = _sites(model, added_parameters)
         self.workspace = _Workspace()
         for site in self.sites:
             site.workspace = self.workspace

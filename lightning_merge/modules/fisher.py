@@ -93,7 +93,8 @@ class FisherEstimationModule(pl.LightningModule):
             self.mask_sites = self.backbone.mask_sites()
             self.engine = MaskFisherEngine(self.backbone.model, self.mask_sites)
         else:
-            self.engine = PerExampleSquaredGradients(self.backbone.model)
+            self.engine = PerExampleSquaredGradients(self.backbone.model,
+                                                     added_parameters=self.backbone.added_parameters())
         self.generator = torch.Generator().manual_seed(self.hparams.seed + self.global_rank)
         self.num_examples = 0
 

@@ -235,7 +235,7 @@ def nngeometry(case: Case):
         fim = FIM(case.model, loader, PMatDiag, variant="classif_logits", layer_collection=layers)
         diag = fim.get_diag()
         out, start = {}, 0
-        for layer_id, layer in layers.layers.items():
+        for layer_id in layers.layers:
             module = dict(case.model.named_modules())[layer_id]
             prefix = by_module[id(module)]
             for attr in ("weight", "bias"):
@@ -297,7 +297,7 @@ def run_case(case: Case, rounds: int, methods: list[str]) -> dict:
     batch = len(case.batches[0][1])
     for name, seconds in times.items():
         results[name]["ex_per_s"] = batch / statistics.median(seconds)
-    for name, row in results.items():
+    for row in results.values():
         if "ex_per_s" in row:
             row["x_train"] = row["ex_per_s"] / results["train"]["ex_per_s"]
             row["x_project"] = row["ex_per_s"] / results["project"]["ex_per_s"]

@@ -215,7 +215,8 @@ def timed(args, rss: dict) -> dict:
 
     train = speed["train"]
     print(f"MiniLM-L6 (22M), seq {args.seq_len}, batch {args.batch_size}, C={args.num_classes}, "
-          f"{torch.get_num_threads()} threads, {args.hog} CPU hogs beside, median of {args.batches} interleaved rounds, "
+          f"{torch.get_num_threads()} threads, {args.hog} CPU hogs beside, "
+          f"median of {args.batches} interleaved rounds, "
           f"{real_tokens:.0%} of positions are real tokens (all methods get the same padded batches)")
     print(f"{'method':<12}{'ex/s':>8}{'x train':>10}{'x train_eval':>14}{'peak RSS MB':>14}")
     for m in METHODS:

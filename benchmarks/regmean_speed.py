@@ -127,7 +127,8 @@ def regmean_benchmark(repeats: int) -> dict:
             [sys.executable, "-c", STREAM_CHILD, files[0], files[2], files[1], files[3], f"{tmp}/out.safetensors"],
             check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     peak_mb = (child["peak_kb"] - child["base_kb"]) / 1024
-    return {"model_mb": model_mb, "fisher_s": fisher_s, "regmean_s": regmean_s, "regmean_over_fisher": regmean_s / fisher_s,
+    return {"model_mb": model_mb, "fisher_s": fisher_s, "regmean_s": regmean_s,
+            "regmean_over_fisher": regmean_s / fisher_s,
             "streamed_regmean_s": child["seconds"], "regmean_peak_rss_mb": peak_mb,
             "largest_layer_grams_mb": largest_grams_mb,
             "regmean_rss_over_allowance": peak_mb / (0.5 * model_mb + largest_grams_mb)}

@@ -8,9 +8,9 @@ from typing import Any
 
 import timm
 import torch
-from torch import nn
 from safetensors.torch import load_file, save_file
 from timm.models._hub import save_config_for_hf
+from torch import nn
 
 from lightning_merge.backbones.base import Backbone, read_manifest
 from lightning_merge.backbones.mask_sites import FFN, HEADS, AddedParameter, MaskSite

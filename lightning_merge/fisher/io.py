@@ -68,7 +68,8 @@ def open_statistics(path: str | os.PathLike) -> Checkpoint:
 
 def describe_statistics(path: str | os.PathLike, tensors: bool = False) -> str:
     """What a statistics file holds (a Fisher, mask Fisher or Gram file, one file or sharded), readable
-    without any model: its header (the fingerprint, mask layout and Gram maps summarized), how many tensors of which dtypes and how many values, their total, and with
+    without any model: its header (the fingerprint, mask layout and Gram maps summarized), how many
+    tensors of which dtypes and how many values, their total, and with
     ``tensors`` one line per tensor (shape, dtype, sum, max). Tensors are read one at a time."""
     lines = [str(path)]
     metadata = read_fisher_metadata(path)

@@ -32,7 +32,7 @@ from lightning_merge.merging.tensors import CheckpointTensors, MemoryTensors, St
 
 __all__ = ["BASE", "CHUNK", "CONVEX", "ISOTROPIC", "SCALE", "TARGET", "CheckpointTensors", "CoefficientSearch",
            "DareMerge", "DirichletSearch", "FisherMerge", "FixedCoefficients", "FlatLayout", "FlatMerger",
-           "GridSearch", "IsotropicMerge", "MemoryTensors", "MergeMethod", "MergePlan", "Piece", "RegMeanMerge", "ScaleSearch",
-           "Statistics", "TaskArithmetic", "TiesMerging", "check_coefficients", "check_statistics", "fisher_merge",
-           "isotropic_merge", "merge_bodies", "merge_checkpoints", "merge_safetensors", "merge_state_dicts",
+           "GridSearch", "IsotropicMerge", "MemoryTensors", "MergeMethod", "MergePlan", "Piece", "RegMeanMerge",
+           "ScaleSearch", "Statistics", "TaskArithmetic", "TiesMerging", "check_coefficients", "check_statistics",
+           "fisher_merge", "isotropic_merge", "merge_bodies", "merge_checkpoints", "merge_safetensors", "merge_state_dicts",
            "merged_state", "normalize_coefficients", "shared_body_names"]

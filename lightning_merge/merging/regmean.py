@@ -118,7 +118,7 @@ class RegMeanMerge(MergeMethod):
         if name != self.field:
             return
         covered = set.union(*(r.weights for r in readers))
-        for i, reader in enumerate(readers):
+        for reader in readers:
             lacking = sorted(covered - reader.weights)
             if lacking:
                 raise ValueError(f"{reader.label} has no Gram for {len(lacking)} layers the other models' Grams "

@@ -57,7 +57,8 @@ class GramEstimationModule(pl.LightningModule):
         self.backbone.eval()
         self.layers = linear_layers(self.backbone.model, self.backbone.is_head)
         if not self.layers:
-            raise ValueError(f"{type(self.backbone).__name__} has no linear layer outside its head: no Gram to estimate")
+            raise ValueError(f"{type(self.backbone).__name__} has no linear layer outside its head: "
+                             "no Gram to estimate")
         self.engine = GramAccumulator(self.layers, _DTYPES[self.hparams.dtype])
         self.num_examples = 0
 

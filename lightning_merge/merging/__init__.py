@@ -34,5 +34,5 @@ __all__ = ["BASE", "CHUNK", "CONVEX", "ISOTROPIC", "SCALE", "TARGET", "Checkpoin
            "DareMerge", "DirichletSearch", "FisherMerge", "FixedCoefficients", "FlatLayout", "FlatMerger",
            "GridSearch", "IsotropicMerge", "MemoryTensors", "MergeMethod", "MergePlan", "Piece", "RegMeanMerge",
            "ScaleSearch", "Statistics", "TaskArithmetic", "TiesMerging", "check_coefficients", "check_statistics",
-           "fisher_merge", "isotropic_merge", "merge_bodies", "merge_checkpoints", "merge_safetensors", "merge_state_dicts",
-           "merged_state", "normalize_coefficients", "shared_body_names"]
+           "fisher_merge", "isotropic_merge", "merge_bodies", "merge_checkpoints", "merge_safetensors",
+           "merge_state_dicts", "merged_state", "normalize_coefficients", "shared_body_names"]

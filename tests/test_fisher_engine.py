@@ -231,11 +231,14 @@ class _MLP(torch.nn.Module):
         return self.net(x)
 
 
-def test_mlp_rank_one_products_match_the_loop(monkeypatch):
-    """Layers without a sequence dimension go through (g∘g)ᵀ(x∘x) and still equal the loop."""
+@pytest.mark.parametrize("variant", ["exact", "sampled", "empirical"])
+def test_mlp_rank_one_products_match_the_loop(monkeypatch, variant):
+    """Layers without a sequence dimension go through (g∘g)ᵀ(x∘x) and still equal the loop, for each
+    variant (a sampled label is the empirical Fisher at the label drawn: e_y − p peaks at y)."""
     torch.manual_seed(0)
     model = _MLP().double().eval()
     x = torch.randn(6, 12, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 2, 1, 0])
     calls = []
     real = torch.mm
     monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -243,8 +246,12 @@ def test_mlp_rank_one_products_match_the_loop(monkeypatch):
     engine = PerExampleSquaredGradients(model, accumulate_dtype=torch.float64)
     with engine.capture(6):
         logits = model(x)
-        engine.accumulate(logits, exact_directions(logits))
+        directions = logit_directions(logits, variant, labels, 1, torch.Generator().manual_seed(1))
+        engine.accumulate(logits, directions)
     engine.detach()
-    slow = reference_fisher_sums(model, lambda i: model(x[i:i + 1]), 6)
-    assert_matches(engine.sums, slow, rtol=1e-10)
-    assert len(calls) == 3 * 2  # three layers, C − 1 = 2 directions: one product each
+    if variant == "sampled":
+        labels = directions[0].argmax(-1)
+    slow = reference_fisher_sums(model, lambda i: model(x[i:i + 1]), 6, "exact" if variant == "exact" else
+                                 "empirical", labels)
+    assert_matches(engine.sums, slow, rtol=1e-10 if variant == "exact" else 1e-6)  # e_y − p: p in float32
+    assert len(calls) == 3 * len(directions)  # three layers: one product per direction each

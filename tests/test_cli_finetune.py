@@ -217,3 +217,25 @@ def test_every_recipe_script_is_valid_bash():
     assert len(scripts) >= 5
     for script in scripts:
         assert run_in_group(["bash", "-n", str(script)]).returncode == 0, script
+
+
+def test_a_model_that_predicts_one_class_is_named(tiny_bert, glue_dir, tmp_path):
+    import warnings
+
+    import lightning.pytorch as pl
+
+    from lightning_merge.backbones import HFTextClassifier
+    from lightning_merge.data import GlueDataModule
+    from lightning_merge.modules import FineTuneModule
+
+    backbone = HFTextClassifier(str(tiny_bert))
+    with torch.no_grad():
+        backbone.model.classifier.bias.copy_(torch.tensor([100.0, -100.0]))  # every logit says class 0
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(FineTuneModule(backbone, learning_rate=0.0, export_dir=str(tmp_path / "e")),
+                    datamodule=GlueDataModule("rte", data_dir=str(glue_dir), batch_size=4))
+    named = [str(w.message) for w in caught if "predicts one class" in str(w.message)]
+    assert named and "'entailment'" in named[0] and "all 10 examples of rte" in named[0], named

@@ -7,8 +7,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
+from torchmetrics.classification import MulticlassStatScores
 
 from lightning_merge.atomic import check_writable
 from lightning_merge.backbones import Backbone
@@ -44,6 +45,8 @@ class FineTuneModule(pl.LightningModule):
                 p.requires_grad_(False)
         self._reference = [p.detach().clone() for p in self._body] if l2_to_pretrained > 0 else []
         self.eval_metrics = nn.ModuleList()
+        self.predicted = nn.ModuleList()
+        self.single_class: dict[str, tuple[int, int]] = {}
         self.eval_set_names: list[str] = []
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -63,6 +66,11 @@ class FineTuneModule(pl.LightningModule):
             check_writable(self._export_directory().parent, "fine-tuned model")
         self.eval_set_names = list(datamodule.eval_set_names)
         self.eval_metrics = nn.ModuleList(datamodule.task_metrics() for _ in self.eval_set_names)
+        classes = self.backbone.num_labels
+        # how often each class is predicted: a model that predicts one class has learned nothing
+        self.predicted = nn.ModuleList(MulticlassStatScores(classes, average=None) for _ in self.eval_set_names) \
+            if classes > 1 else nn.ModuleList()
+        self.single_class: dict[str, tuple[int, int]] = {}
 
     def on_fit_start(self) -> None:
         self._reference = [r.to(self.device) for r in self._reference]
@@ -105,7 +113,10 @@ class FineTuneModule(pl.LightningModule):
         return loss
 
     def _eval_step(self, batch, dataloader_idx: int) -> None:
-        self.eval_metrics[dataloader_idx].update(self(batch), batch["labels"])
+        logits = self(batch)
+        self.eval_metrics[dataloader_idx].update(logits, batch["labels"])
+        if len(self.predicted):
+            self.predicted[dataloader_idx].update(logits, batch["labels"])
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
@@ -122,6 +133,15 @@ class FineTuneModule(pl.LightningModule):
                 # The first evaluation set (the task itself, or IID) drives checkpoint selection.
                 self.log(f"{prefix}/score", values["score"], prog_bar=True, add_dataloader_idx=False)
             metrics.reset()
+            if len(self.predicted):
+                stats = self.predicted[i].compute()  # per class: tp, fp, tn, fn, support
+                counts = (stats[:, 0] + stats[:, 1]).tolist()
+                used = [c for c, n in enumerate(counts) if n > 0]
+                if len(used) == 1:
+                    self.single_class[name] = (used[0], int(sum(counts)))
+                else:
+                    self.single_class.pop(name, None)
+                self.predicted[i].reset()
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -131,6 +151,11 @@ class FineTuneModule(pl.LightningModule):
 
     # -- export ----------------------------------------------------------------------------------
     def on_fit_end(self) -> None:
+        for name, (label, total) in self.single_class.items():
+            label_name = self.backbone.label_names[label] if self.backbone.label_names else label
+            rank_zero_warn(f"the fine-tuned model predicts one class, {label_name!r}, for all {total} examples of "
+                           f"{name} at its last validation: it has not learned the task (try a higher learning rate, "
+                           f"more epochs or more examples)")
         self._export()
 
     def _export_directory(self) -> Path:

@@ -3,11 +3,13 @@ markers, stale staging, early writability checks, umask permissions, statistics 
 
 import json
 import os
+import signal
 import stat
 import sys
 import textwrap
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -211,3 +213,34 @@ def test_inspect_describes_a_statistics_file_without_its_model(vits, monkeypatch
     values = sum(v.numel() for v in fisher.values())
     assert f"tensors: {len(fisher)} (float32), {values:,} values, sum {total:.6g}" in out
     assert "    cls_token  (1, 1, 32)  float32" in out
+
+
+class _SigtermAt(pl.Callback):
+    """Sends this process SIGTERM after predict batch ``at`` (Lightning records it; nothing is killed)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.batches = at, 0
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.batches += 1
+        if batch_idx == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("module", ["fisher", "gram"])
+def test_sigterm_stops_statistics_at_the_next_batch_and_writes_nothing(tiny_bert3, glue_dir, tmp_path, module):
+    from lightning_merge.backbones import HFTextClassifier
+    from lightning_merge.data import GlueDataModule
+    from lightning_merge.modules import FisherEstimationModule, GramEstimationModule
+
+    output = tmp_path / "stats.safetensors"
+    backbone = HFTextClassifier(str(tiny_bert3))
+    estimator = FisherEstimationModule(backbone, str(output)) if module == "fisher" else \
+        GramEstimationModule(backbone, str(output))
+    stopper = _SigtermAt(at=1)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         inference_mode=module == "gram", callbacks=[stopper], default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="stopped by SIGTERM after 4 examples; nothing written"):
+        trainer.predict(estimator, datamodule=GlueDataModule("mnli", data_dir=str(glue_dir), eval_batch_size=2,
+                                                             batch_size=2, max_predict_examples=20))
+    assert stopper.batches == 2 and not output.exists()

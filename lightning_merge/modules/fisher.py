@@ -100,6 +100,7 @@ class FisherEstimationModule(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # No collective here: ranks may run different numbers of batches.
+        stop_if_terminated(self.trainer, "Fisher", self.hparams.output, self.num_examples)
         size = len(batch["labels"])
         with self.engine.capture(size):
             logits = self.backbone(batch)
@@ -136,6 +137,13 @@ class FisherEstimationModule(pl.LightningModule):
             "num_labels": self.backbone.num_labels,
             **provenance(self.backbone, self.trainer.datamodule),
         }
+
+
+def stop_if_terminated(trainer: pl.Trainer, what: str, output: str, done: int) -> None:
+    """Predict loops do not stop on SIGTERM (Lightning only records it): stop at the next batch, so
+    an interrupted estimate is never written as if complete."""
+    if trainer.received_sigterm:
+        raise RuntimeError(f"{what} estimation stopped by SIGTERM after {done} examples; nothing written to {output}")
 
 
 def provenance(backbone: Backbone, datamodule) -> dict[str, object]:

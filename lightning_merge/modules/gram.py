@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_merge.atomic import check_writable
 from lightning_merge.backbones import Backbone
-from lightning_merge.modules.fisher import provenance
+from lightning_merge.modules.fisher import provenance, stop_if_terminated
 from lightning_merge.statistics.gram import GramAccumulator, linear_layers, weight_keys
 from lightning_merge.statistics.gram_file import save_gram
 
@@ -63,6 +63,7 @@ class GramEstimationModule(pl.LightningModule):
         self.num_examples = 0
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        stop_if_terminated(self.trainer, "Gram", self.hparams.output, self.num_examples)
         with self.engine.capture(batch.get("attention_mask")):
             self.backbone(batch)
         self.num_examples += len(batch["labels"])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentError, DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI, _InstantiatorFn
 
 # Imported so that `--help` lists them as the known subclasses of each option.
@@ -18,6 +19,7 @@ import lightning_merge.backbones as _backbones
 import lightning_merge.data as _data
 import lightning_merge.merging as _merging
 from lightning_merge import quiet
+from lightning_merge.progress import PlainProgress
 
 DEBUG_ENV = "LIGHTNING_MERGE_DEBUG"  # set to 1 for full tracebacks of input errors
 
@@ -81,6 +83,14 @@ class LightningMergeCLI(LightningCLI):
     Models and data are chosen by ``class_path`` in YAML (any LightningModule / DataModule),
     so later stages (Fisher, merge) plug in without new entry points.
     """
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer; when stdout is not a terminal, Lightning's redrawn progress bar becomes plain lines."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if not sys.stdout.isatty():
+            trainer.callbacks = [PlainProgress() if isinstance(c, (TQDMProgressBar, RichProgressBar)) else c
+                                 for c in trainer.callbacks]
+        return trainer
 
     def _add_instantiators(self) -> None:
         super()._add_instantiators()

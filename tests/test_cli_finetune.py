@@ -239,3 +239,22 @@ def test_a_model_that_predicts_one_class_is_named(tiny_bert, glue_dir, tmp_path)
                     datamodule=GlueDataModule("rte", data_dir=str(glue_dir), batch_size=4))
     named = [str(w.message) for w in caught if "predicts one class" in str(w.message)]
     assert named and "'entailment'" in named[0] and "all 10 examples of rte" in named[0], named
+
+
+def test_progress_is_plain_lines_when_stdout_is_not_a_terminal(tmp_path):
+    import sys
+
+    from tests.processes import run_in_group
+
+    root = Path(__file__).resolve().parents[1]
+    run = run_in_group([sys.executable, "-m", "lightning_merge.cli", "fit",
+                        "--config", str(root / "configs/data/digits.yaml"),
+                        "--config", str(root / "configs/model/vit_tiny_digits.yaml"),
+                        "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3",
+                        "--trainer.limit_val_batches", "2", "--trainer.default_root_dir", str(tmp_path),
+                        "--model.init_args.export_dir", str(tmp_path / "export")], cwd=root)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if " done: train batches " in line]
+    assert [line.split(" done")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], run.stdout[-2000:]
+    assert all("3/3" in line and "val/score" in line for line in lines)
+    assert "it/s" not in run.stdout and not any("\r" in line for line in lines)  # no redrawn bar in a log

@@ -214,7 +214,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for name in names:
         digest.update(name.encode())
-        digest.update(tensors[name].detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensors[name].detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())  # no copy
     token = digest.hexdigest()[:10]  # new content, new names: the old index's shards stay intact until replaced
     previous = _shards_of(path)
     weight_map = {}

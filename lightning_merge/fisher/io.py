@@ -31,9 +31,13 @@ def save_fisher(path: str | os.PathLike, fisher: dict[str, torch.Tensor], metada
 def read_fisher_metadata(path: str | os.PathLike) -> dict[str, object]:
     """The header facts (numbers decoded), without reading any tensor."""
     with open_statistics(path) as f:
-        raw = f.metadata or {}
+        return decoded_header(f)
+
+
+def decoded_header(file: Checkpoint) -> dict[str, object]:
+    """An opened statistics file's header, its JSON-encoded values decoded."""
     out: dict[str, object] = {}
-    for key, value in raw.items():
+    for key, value in (file.metadata or {}).items():
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -169,12 +169,15 @@ class _PatchConvSite(_Site):
 
 
 class _AddedParameterSite(_Site):
-    """Parameters added to this module's output (``params``: local key ``name@tokens`` -> full name): an
-    example's gradient of one is the output gradient at the positions it was added to."""
+    """Parameters added to this module's output: an example's gradient of one is the output gradient at
+    the positions it was added to (``tokens``: parameter name -> leading positions, ``None`` for all)."""
+
+    def __init__(self, module: nn.Module, added: Sequence[AddedParameter]) -> None:
+        super().__init__(module, {a.parameter: a.parameter for a in added})
+        self.tokens = {a.parameter: a.tokens for a in added}
 
     def accumulate(self, grad, sums):
-        for key, name in self.params.items():
-            tokens = self.tokens[key]
+        for name, tokens in self.tokens.items():
             g = grad if tokens is None else grad[:, :tokens]
             sums[name].add_(g.square().sum(0, keepdim=True).reshape(sums[name].shape))
 
@@ -266,9 +269,7 @@ def _sites(model: nn.Module, added_parameters: Sequence[AddedParameter] = ()
     for added in added_parameters:
         by_module.setdefault(added.module, []).append(added)
     for module_name, group in by_module.items():
-        site = _AddedParameterSite(modules[module_name], {f"{a.parameter}@{a.tokens}": a.parameter for a in group})
-        site.tokens = {f"{a.parameter}@{a.tokens}": a.tokens for a in group}
-        sites.append(site)
+        sites.append(_AddedParameterSite(modules[module_name], group))
     for site in sites:
         _check_supported(site)
     return sites, ties

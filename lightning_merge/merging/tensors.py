@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from lightning_merge.fisher.io import open_statistics, read_fisher_metadata
+from lightning_merge.fisher.io import decoded_header, open_statistics
 from lightning_merge.fisher.masks import PAPER, expand_mask_fisher
 from lightning_merge.tensor_files import Checkpoint
 
@@ -95,8 +95,8 @@ class Statistics:
                  label: str, mask_rule: str = PAPER, in_memory: bool = False) -> None:
         self.shapes, self.label = dict(shapes), label
         self.path = None if isinstance(source, Mapping) else Path(source)
-        self.metadata: dict = {} if self.path is None else read_fisher_metadata(self.path)
-        self.file: Checkpoint | None = None
+        self.file: Checkpoint | None = None if self.path is None else open_statistics(self.path)
+        self.metadata: dict = {} if self.file is None else decoded_header(self.file)
         self._current: tuple[str | None, torch.Tensor | None] = (None, None)
         self._loaded: dict[str, torch.Tensor] | None = None
         if self.path is None:
@@ -105,14 +105,14 @@ class Statistics:
         elif self.metadata.get("kind") == "mask":
             layout = self.metadata.get("mask_layout")
             if not isinstance(layout, dict):
+                self.close()
                 raise ValueError(f"{label}: mask Fisher {self.path} has no mask_layout in its header")
-            with open_statistics(self.path) as file:
-                masks = {n: file.read_tensor(n) for n in layout}
+            masks = {n: self.file.read_tensor(n) for n in layout}
+            self.close()
             for n, value in masks.items():
                 check_statistics(value, n, label)
             self._expand = lambda name: expand_mask_fisher(masks, layout, {name: self.shapes[name]}, mask_rule)[name]
         else:
-            self.file = open_statistics(self.path)
             self._present(set(self.file.keys()))
             self._check_shapes({n: self.file.shape(n) for n in self.shapes})
         if in_memory and self._loaded is None:

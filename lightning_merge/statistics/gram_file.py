@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_merge.fisher.io import open_statistics, read_fisher_metadata
+from lightning_merge.fisher.io import decoded_header, open_statistics
 from lightning_merge.tensor_files import SHARD_BYTES, Checkpoint, save_tensors
 
 KIND = "gram"
@@ -72,19 +72,21 @@ class GramInput:
         self._cache: tuple[str | None, torch.Tensor | None] = (None, None)
         if self.path is None:
             self.metadata: dict = {}
-            self._loaded = {name: gram for name, gram in source.items()}
+            self._loaded = dict(source)
             self.keys = {name: name for name in source}
         else:
-            self.metadata = read_fisher_metadata(self.path)
+            self.file = open_statistics(self.path)
+            self.metadata = decoded_header(self.file)
+            self._loaded = None
             if self.metadata.get("kind") != KIND or not isinstance(self.metadata.get("gram_keys"), dict):
+                self.close()
                 raise ValueError(f"{label}: {self.path} is not a Gram file (its header has no kind: gram and "
                                  f"gram_keys): estimate one with GramEstimationModule")
             self.keys = dict(self.metadata["gram_keys"])
-            self.file = open_statistics(self.path)
             absent = sorted(set(self.keys.values()) - set(self.file.keys()))
             if absent:
+                self.close()
                 raise ValueError(f"{label}: {self.path} lacks the Grams its header names: {absent[:5]}")
-            self._loaded = None
         self.keys = {w: k for w, k in self.keys.items() if w in shapes}  # e.g. heads left out of this merge
         keep = in_memory or self._loaded is not None
         users: dict[str, list[str]] = {}

@@ -38,32 +38,22 @@ finetune() {  # finetune ROLE TASK
     --model.init_args.export_dir "$OUT_DIR/$1/export" ${EXTRA_ARGS:-}
 }
 
-fisher() {  # fisher ROLE TASK
-  done_already "$OUT_DIR/fisher/$1.safetensors" "fisher $1 ($2)" && return
-  lightning-merge predict --config configs/data/glue.yaml --config configs/fisher/exact.yaml \
-    --model.init_args.backbone.init_args.name_or_path "$OUT_DIR/$1/export" \
-    --model.init_args.output "$OUT_DIR/fisher/$1.safetensors" \
-    --data.init_args.task "$2" --data.init_args.data_dir "$DATA_DIR" \
-    --data.init_args.max_predict_examples "$FISHER_EXAMPLES" \
-    --trainer.default_root_dir "$OUT_DIR/fisher" ${EXTRA_ARGS:-}
-}
-
-gram() {  # gram ROLE TASK
-  done_already "$OUT_DIR/gram/$1.safetensors" "gram $1 ($2)" && return
-  lightning-merge predict --config configs/data/glue.yaml --config configs/gram/glue.yaml \
-    --model.init_args.backbone.init_args.name_or_path "$OUT_DIR/$1/export" \
-    --model.init_args.output "$OUT_DIR/gram/$1.safetensors" \
-    --data.init_args.task "$2" --data.init_args.data_dir "$DATA_DIR" \
-    --data.init_args.max_predict_examples "$GRAM_EXAMPLES" \
-    --trainer.default_root_dir "$OUT_DIR/gram" ${EXTRA_ARGS:-}
+statistics() {  # statistics KIND CONFIG EXAMPLES ROLE TASK: a predict stage -> $OUT_DIR/KIND/ROLE.safetensors
+  done_already "$OUT_DIR/$1/$4.safetensors" "$1 $4 ($5)" && return
+  lightning-merge predict --config configs/data/glue.yaml --config "$2" \
+    --model.init_args.backbone.init_args.name_or_path "$OUT_DIR/$4/export" \
+    --model.init_args.output "$OUT_DIR/$1/$4.safetensors" \
+    --data.init_args.task "$5" --data.init_args.data_dir "$DATA_DIR" \
+    --data.init_args.max_predict_examples "$3" \
+    --trainer.default_root_dir "$OUT_DIR/$1" ${EXTRA_ARGS:-}
 }
 
 finetune target "$TARGET_TASK"
 finetune donor "$DONOR_TASK"
-fisher target "$TARGET_TASK"
-fisher donor "$DONOR_TASK"
-gram target "$TARGET_TASK"
-gram donor "$DONOR_TASK"
+statistics fisher configs/fisher/exact.yaml "$FISHER_EXAMPLES" target "$TARGET_TASK"
+statistics fisher configs/fisher/exact.yaml "$FISHER_EXAMPLES" donor "$DONOR_TASK"
+statistics gram configs/gram/glue.yaml "$GRAM_EXAMPLES" target "$TARGET_TASK"
+statistics gram configs/gram/glue.yaml "$GRAM_EXAMPLES" donor "$DONOR_TASK"
 if ! done_already "$OUT_DIR/results.json" "merge $TARGET_TASK ← $DONOR_TASK"; then
   MODELS="[{path: target/export, fisher: fisher/target.safetensors, inputs: {gram: gram/target.safetensors}, data: {class_path: lightning_merge.data.GlueDataModule,
            init_args: {task: $TARGET_TASK, data_dir: $(realpath "$DATA_DIR"), eval_batch_size: 64}}},

@@ -24,20 +24,51 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def _finite(values) -> list[float]:
+    return [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+
+
+def interesting_range(curves: Sequence[Sequence[float]], baselines: Sequence[float]) -> tuple[float, float]:
+    """A y-range for score-vs-λ curves that shows the differences that matter: from the lowest of the
+    baselines and of each curve's median up to the highest point, padded by a tenth. Points far below
+    (λ near the donor end, where a merge is plainly worse) fall outside instead of flattening the rest."""
+    points = _finite(v for c in curves for v in c) + _finite(baselines)
+    if not points:
+        return 0.0, 1.0
+    medians = [sorted(f)[len(f) // 2] for f in map(_finite, curves) if f]
+    low, high = min(_finite(baselines) + medians or points), max(points)
+    pad = 0.1 * (high - low) or 0.01
+    return low - pad, high + pad
+
+
 def score_vs_lambda(search: Sequence[dict], rows: Sequence[dict], target: int, path) -> Path:
-    """Selection score against the target's coefficient λ, one line per method; baselines as lines."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in search):
-        points = sorted((r["coefficients"][target], r["selection_score"]) for r in search if r["method"] == method)
-        ax.plot(*zip(*points), marker=".", label=method)
-    for row in rows:
-        if row.get("coefficients") is None and not math.isnan(row.get("selection_score", math.nan)):
-            ax.axhline(row["selection_score"], linestyle="--", linewidth=1, color="grey")
-            ax.annotate(row["method"], (0, row["selection_score"]), fontsize=8, va="bottom")
-    ax.set_xlabel("λ of the target model")
-    ax.set_ylabel("selection score")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    """Score against the target's coefficient λ, one line per method, baselines as dashed lines: the
+    selection score, and beside it the held-out score when candidates were scored there
+    (``heldout_curves``), on one y-range chosen by :func:`interesting_range`."""
+    panels = [("selection_score", "selection part (chooses λ)")]
+    if any(_finite([r.get("heldout_score", math.nan)]) for r in search):
+        panels.append(("heldout_score", "held-out part (reported)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), sharey=True, squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in search))
+    baselines = [r for r in rows if r.get("coefficients") is None]
+    low, high = interesting_range([[r[k] for r in search] for k, _ in panels],
+                                  [r.get(k, math.nan) for r in baselines for k, _ in panels])
+    for ax, (key, title) in zip(axes[0], panels):
+        hidden = 0
+        for method in methods:
+            points = sorted((r["coefficients"][target], r[key]) for r in search if r["method"] == method)
+            ax.plot(*zip(*points), marker=".", label=method)
+            hidden += sum(1 for _, y in points if y < low)
+        for row in baselines:
+            if _finite([row.get(key, math.nan)]):
+                ax.axhline(row[key], linestyle="--", linewidth=1, color="grey")
+                ax.annotate(row["method"], (0, row[key]), fontsize=8, va="bottom")
+        ax.set_ylim(low, high)
+        ax.set_title(title + (f"; {hidden} points below {low:.3f} not shown" if hidden else ""), fontsize=9)
+        ax.set_xlabel("λ of the target model")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("score")
+    axes[0][0].legend()
     return _save(fig, path)
 
 

@@ -47,10 +47,16 @@ def test_fit_tiny_bert_on_local_glue_exports_a_reloadable_model(tiny_bert3, glue
     # Training moved the weights away from the tiny BERT it started from.
     assert not torch.equal(reloaded.model.classifier.weight, load_backbone(tiny_bert3).model.classifier.weight)
     # Clients see the task's label names, not LABEL_0..2.
-    config = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert config["id2label"] == {"0": "entailment", "1": "neutral", "2": "contradiction"}
-    assert config["label2id"]["neutral"] == 1
+    exported = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert exported["id2label"] == {"0": "entailment", "1": "neutral", "2": "contradiction"}
+    assert exported["label2id"]["neutral"] == 1
     assert reloaded.label_names == ["entailment", "neutral", "contradiction"]
+    # Same seed, same model: length-grouped batches and dropout follow the seed (a second run, two epochs).
+    again = [main(["fit", "--config", SMOKE, "--config", config, "--seed_everything=3", "--trainer.max_epochs=2",
+                   f"--model.init_args.export_dir={tmp_path / run}"]).model.backbone.model.state_dict()
+             for run in ("seed3a", "seed3b")]
+    assert all(torch.equal(again[0][k], again[1][k]) for k in again[0])
+    assert not torch.equal(again[0]["classifier.weight"], reloaded.model.classifier.weight)
 
 
 def test_fit_tiny_vit_on_digits_with_ood_sets(tmp_path, capsys):

@@ -55,6 +55,17 @@ def test_predict_writes_the_fisher_of_eq2(tiny_bert3, glue_dir, tmp_path, varian
     assert_matches(load_fisher(output), reference_for(tiny_bert3, glue_dir, variant), rtol=1e-5)
 
 
+def test_auto_weighs_the_cost_of_the_exact_expectation(tiny_bert3):
+    from lightning_merge.modules import FisherEstimationModule
+
+    backbone = HFTextClassifier(str(tiny_bert3))
+    chosen = FisherEstimationModule(backbone, "f.safetensors")
+    assert chosen.variant == "exact" and chosen.variant_reason == "auto: 3 labels <= max_exact_classes 16"
+    chosen = FisherEstimationModule(backbone, "f.safetensors", max_exact_classes=2, num_samples=2)
+    assert chosen.variant == "sampled" and "3 labels > max_exact_classes 2" in chosen.variant_reason
+    assert FisherEstimationModule(backbone, "f.safetensors", "exact", max_exact_classes=2).variant == "exact"
+
+
 def test_inference_mode_is_refused(tiny_bert3, glue_dir, tmp_path):
     config = fisher_config(tmp_path, tiny_bert3, glue_dir, tmp_path / "f.safetensors")
     with pytest.raises(RuntimeError, match="inference_mode"):
@@ -130,6 +141,7 @@ def test_masked_lm_fisher_and_its_merge_with_a_classifier(tiny_bert, glue_dir, t
           "--data.batch_size=4"])
     meta = read_fisher_metadata(tmp_path / "mlm.safetensors")
     assert meta["variant"] == "sampled" and meta["samples_per_example"] == 2  # auto: a vocabulary-sized output
+    assert meta["variant_reason"] == "auto: several outputs per example (masked positions)"
     assert meta["num_examples"] == 3 * len(SENTENCES)
     fisher = load_fisher(tmp_path / "mlm.safetensors")
     assert fisher["bert.embeddings.word_embeddings.weight"].sum() > 0  # tied with the decoder

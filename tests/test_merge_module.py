@@ -78,7 +78,8 @@ def test_search_selects_on_first_examples_and_reports_the_rest(pair, glue_dir, t
         "models": [glue_spec(models["rte"], "rte", glue_dir, f"{root}/rte.safetensors"),
                    glue_spec(models["mnli"], "mnli", glue_dir, f"{root}/mnli.safetensors", data=False)],
         "search": {"class_path": "lightning_merge.merging.GridSearch", "init_args": {"points": 5}},
-        "select_examples": 4, "output_dir": str(tmp_path / "out"), "export_dir": str(tmp_path / "merged")})
+        "select_examples": 4, "heldout_curves": True, "output_dir": str(tmp_path / "out"),
+        "export_dir": str(tmp_path / "merged")})
     assert results["facts"]["selection_examples"] == {"rte": 4} and results["facts"]["heldout_examples"] == {"rte": 6}
     rows = {r["method"]: r for r in results["results"]}
     assert set(rows) == {"unmerged", "isotropic", "fisher"}  # one RTE model: no ensemble
@@ -100,6 +101,12 @@ def test_search_selects_on_first_examples_and_reports_the_rest(pair, glue_dir, t
         assert rows[method]["selection_score"] == pytest.approx(accuracy(logits[:4], labels[:4]))
         assert rows[method]["heldout_score"] == pytest.approx(accuracy(logits[4:], labels[4:]))
         assert rows[method]["full_score"] == pytest.approx(accuracy(logits, labels))
+        # each part's metrics, and (heldout_curves) every candidate's held-out score, e.g. the donor end's
+        assert rows[method]["rte/selection_accuracy"] == pytest.approx(accuracy(logits[:4], labels[:4]))
+        assert rows[method]["rte/heldout_accuracy"] == pytest.approx(accuracy(logits[4:], labels[4:]))
+        donor_end = merge_bodies(states, [0.0, 1.0], fishers if method == "fisher" else None, head_names=heads)
+        logits, labels = logits_on(models["rte"], donor_end, glue_dir, range(4, 10))
+        assert search[0]["heldout_score"] == pytest.approx(accuracy(logits, labels))
     # the exported model: the best method's merged body under the target's own head
     best = max((r for r in results["results"] if r["method"] in ("isotropic", "fisher")),
                key=lambda r: r["selection_score"])

@@ -1,6 +1,7 @@
 """The cross-run summary: per-task scores normalized by the unmerged ones, median over runs."""
 
 import json
+import math
 
 import pytest
 
@@ -28,3 +29,12 @@ def test_median_over_runs_per_group(tmp_path, capsys):
     main(["normalized", str(tmp_path), "--timings", str(tmp_path / "t.csv"), "--out", str(tmp_path / "s.csv")])
     assert "fisher_seconds_per_model" in capsys.readouterr().out
     assert (tmp_path / "s.csv").read_text().splitlines()[1].endswith(",5.0")
+
+
+def test_score_plot_range_leaves_out_the_donor_end_but_keeps_baselines_and_curves():
+    from lightning_merge.plotting import interesting_range
+
+    # a λ grid from the donor end (0.30) to the target (0.64); the unmerged target scored 0.61
+    low, high = interesting_range([[0.30, 0.60, 0.62, 0.63, 0.64], [0.35, 0.5, 0.55, 0.6, 0.66]], [0.61, math.nan])
+    assert (low, high) == pytest.approx((0.55 - 0.011, 0.66 + 0.011))
+    assert interesting_range([[0.5, 0.5]], []) == pytest.approx((0.49, 0.51))  # flat: a small band, not zero

@@ -11,9 +11,10 @@ import datasets
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from lightning_merge.data.batch import EXAMPLE_INDEX
+from lightning_merge.data.buckets import LengthGroupedSampler
 from lightning_merge.data.glue_tasks import (
     GlueTask,
     get_glue_task,
@@ -170,6 +171,9 @@ class GlueDataModule(pl.LightningDataModule):
         predict_split / max_predict_examples: what ``trainer.predict`` sees (Fisher estimation).
         sort_by_length: order predict/validation/test examples by length, so batches carry little
             padding (the subset is drawn first; sums and metrics do not depend on the order).
+        bucket_window: training batches are grouped by length within random windows of this many
+            batches (:class:`LengthGroupedSampler`; batch order shuffled, new groups every epoch), so a
+            batch is padded only to lengths near its own; ``0`` draws plain shuffled batches.
     """
 
     def __init__(
@@ -189,6 +193,7 @@ class GlueDataModule(pl.LightningDataModule):
         max_predict_examples: int | None = None,
         stsb_buckets: bool = True,
         sort_by_length: bool = True,
+        bucket_window: int = 64,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -322,10 +327,18 @@ class GlueDataModule(pl.LightningDataModule):
             indices = [indices[i] for i in sorted(range(len(indices)), key=lengths.__getitem__)]
         return ds.select(indices).add_column(EXAMPLE_INDEX, indices)
 
+    def train_sampler(self) -> Sampler[int] | None:
+        """The training order: length-grouped (``bucket_window`` > 0), else ``None`` (plain shuffle)."""
+        if self.hparams.bucket_window <= 0:
+            return None
+        lengths = [len(ids) for ids in self.splits["train"]["input_ids"]]
+        return LengthGroupedSampler(lengths, self.hparams.batch_size, self.hparams.bucket_window, self.hparams.seed)
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         ds = self.splits[split] if split == "train" else self._ordered(split)
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.hparams.num_workers)
+        sampler = self.train_sampler() if split == "train" else None
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                          collate_fn=self.collate, num_workers=self.hparams.num_workers)
 
     # -- evaluation sets for the merge stage -----------------------------------------------------
     def attach_model(self, backbone) -> None:

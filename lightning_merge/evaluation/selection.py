@@ -37,16 +37,18 @@ def split_selection(num_examples: int, select_examples: float) -> tuple[list[int
 
 def plan_candidates(methods: Sequence[tuple[str, Sequence[Sequence[float]]]], baselines: Sequence[str],
                     evaluated: Sequence[int], num_sets: Mapping[int, int], has_heldout: Mapping[int, bool],
-                    report: str = BEST) -> list[Candidate]:
+                    report: str = BEST, heldout_curves: bool = False) -> list[Candidate]:
     """Candidates in evaluation order: baselines, every (method, coefficients), then — for ``best`` —
-    one "best of <method>" per method that scores the held-out part and the extra sets."""
+    one "best of <method>" per method that scores the held-out part and the extra sets.
+    ``heldout_curves``: every searched candidate is also scored on the held-out part (for the
+    score-vs-λ plot only; selection still reads the selection part alone)."""
     selection = [(i, 0, SELECT) for i in evaluated]
-    rest = [(i, 0, HELDOUT) for i in evaluated if has_heldout[i]]
-    rest += [(i, s, FULL) for i in evaluated for s in range(1, num_sets[i])]
+    heldout = [(i, 0, HELDOUT) for i in evaluated if has_heldout[i]]
+    rest = heldout + [(i, s, FULL) for i in evaluated for s in range(1, num_sets[i])]
     candidates = [Candidate(b, None, selection + rest) for b in baselines]
+    searched_units = selection + (rest if report == ALL else heldout if heldout_curves else [])
     for name, coefficient_sets in methods:
-        candidates += [Candidate(name, list(lam), selection + (rest if report == ALL else []))
-                       for lam in coefficient_sets]
+        candidates += [Candidate(name, list(lam), list(searched_units)) for lam in coefficient_sets]
     if report == BEST and rest:
         candidates += [Candidate(name, None, rest, resolved_from=name) for name, _ in methods]
     return candidates
@@ -83,12 +85,14 @@ def result_row(candidates: Sequence[Candidate], c: int, rest: int | None, evalua
     row: dict[str, object] = {"method": candidates[c].method, "coefficients": candidates[c].coefficients}
     selection, heldout, full = [], [], []
     for i in evaluated:
-        selection.append(metrics(i, 0, [(c, SELECT)])["score"])
-        heldout.append(metrics(i, 0, [(rest, HELDOUT)])["score"])
+        parts = {"selection": metrics(i, 0, [(c, SELECT)]), "heldout": metrics(i, 0, [(rest, HELDOUT)])}
+        selection.append(parts["selection"]["score"])
+        heldout.append(parts["heldout"]["score"])
         values = metrics(i, 0, [(c, SELECT), (rest, HELDOUT)])
         full.append(values["score"])
         row.update({f"{model_names[i]}/{k}": v for k, v in values.items()})
-        row[f"{model_names[i]}/heldout_score"] = heldout[-1]
+        for part, part_values in parts.items():  # every metric (accuracy, F1, …) of each part too
+            row.update({f"{model_names[i]}/{part}_{k}": v for k, v in part_values.items()})
         for s, set_name in enumerate(set_names[i][1:], start=1):
             row.update({f"{model_names[i]}/{set_name}/{k}": v for k, v in metrics(i, s, [(rest, FULL)]).items()})
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
@@ -102,8 +106,12 @@ def result_tables(candidates: Sequence[Candidate], methods: Sequence[str], basel
                   prefer: Callable[[Candidate], float] | None = None) -> tuple[list[dict], list[dict]]:
     """``(search, rows)``: every searched candidate's selection score, and the reported rows (baselines,
     then each method's selected candidate — or every candidate with ``report: all``)."""
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     search = [{"method": candidates[c].method, "coefficients": candidates[c].coefficients,
-               "selection_score": selection_score(c)} for m in methods for c in searched(candidates, m)]
+               "selection_score": selection_score(c),
+               "heldout_score": mean(  # NaN unless scored there (heldout_curves, report: all)
+                   [metrics(i, 0, [(c, HELDOUT)])["score"] for i in evaluated])}
+              for m in methods for c in searched(candidates, m)]
     row = lambda c, rest=None: result_row(candidates, c, rest, evaluated, model_names, set_names, metrics)  # noqa: E731
     rows = [row(c) for c, cand in enumerate(candidates) if cand.method in baselines]
     for method in methods:

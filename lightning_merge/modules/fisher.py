@@ -44,12 +44,15 @@ class FisherEstimationModule(pl.LightningModule):
             003 §3, eq. 4), stored compactly with its layout and expanded only when merging.
         variant: ``exact`` (expectation over all labels), ``sampled`` (``num_samples`` labels from the
             model's own ``p``), ``empirical`` (the true label: a different quantity, for comparison),
-            or ``auto``: exact up to ``max_exact_classes`` classes, else sampled.
+            or ``auto``, which weighs cost: the exact expectation takes one backward pass per label and
+            batch, so it is used up to ``max_exact_classes`` labels (default 16: GLUE's tasks, digits),
+            and above that ``num_samples`` sampled labels (an unbiased estimate of the same quantity;
+            e.g. STS-B's 25 buckets). The file's header says which was used and why (``variant_reason``).
         seed: for the sampled labels (each rank offsets it by its rank).
     """
 
     def __init__(self, backbone: Backbone, output: str, variant: Variant = AUTO, kind: Kind = FULL,
-                 num_samples: PositiveInt = 1, max_exact_classes: PositiveInt = 64, seed: int = 0,
+                 num_samples: PositiveInt = 1, max_exact_classes: PositiveInt = 16, seed: int = 0,
                  shard_mb: PositiveInt = 4096) -> None:
         super().__init__()
         if kind not in (FULL, MASK):
@@ -60,9 +63,19 @@ class FisherEstimationModule(pl.LightningModule):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
+        self.variant_reason = "asked for"
         if variant == AUTO:
-            small = backbone.num_labels <= max_exact_classes and not backbone.several_outputs
-            variant = "exact" if small else "sampled"
+            labels = backbone.num_labels
+            if backbone.several_outputs:
+                variant, self.variant_reason = "sampled", "auto: several outputs per example (masked positions)"
+            elif labels <= max_exact_classes:
+                variant = "exact"
+                self.variant_reason = f"auto: {labels} labels <= max_exact_classes {max_exact_classes}"
+            else:
+                variant = "sampled"
+                self.variant_reason = (f"auto: {labels} labels > max_exact_classes {max_exact_classes} (the exact "
+                                       f"expectation would take {labels} backward passes per batch, sampled "
+                                       f"takes {num_samples})")
         if variant == "exact" and backbone.several_outputs:
             raise ValueError(f"{type(backbone).__name__} has several outputs per example (masked positions): "
                              "the exact Fisher is not offered there; use variant sampled (or auto)")
@@ -122,7 +135,8 @@ class FisherEstimationModule(pl.LightningModule):
         if self.trainer.is_global_zero:
             save_fisher(self.hparams.output, fisher, self.metadata(total), self.hparams.shard_mb << 20)
             self.summary = (f"wrote the {self.variant} {self.hparams.kind} Fisher of {total} examples to "
-                            f"{self.hparams.output}")
+                            f"{self.hparams.output}" + (f" ({self.variant_reason})" if self.hparams.variant == AUTO
+                                                        else ""))
             rank_zero_info(self.summary[0].upper() + self.summary[1:])
         strategy.barrier()
 
@@ -130,6 +144,7 @@ class FisherEstimationModule(pl.LightningModule):
         return {
             "num_examples": num_examples,
             "variant": self.variant,
+            "variant_reason": self.variant_reason,
             "kind": self.hparams.kind,
             **({"mask_layout": {s.name: s.layout() for s in self.mask_sites}}
                if self.hparams.kind == MASK else {}),

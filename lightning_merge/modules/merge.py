@@ -62,6 +62,10 @@ class MergeModule(pl.LightningModule):
             coefficients; a value below 1 is a fraction of the set. The rest is the held-out part.
         report: ``best`` (each method's selected candidate gets held-out and other-set scores) or
             ``all`` (every candidate is scored everywhere: WiSE-FT curves, NeurIPS paper §3.2).
+        heldout_curves: with ``best``, also score every searched candidate on the held-out part, so
+            ``search.csv`` and ``score_vs_lambda.png`` show held-out beside selection scores (what the
+            selection would have found on unseen data). Selection still reads the selection part only;
+            it costs the held-out part's evaluation per candidate.
         baselines: any of ``unmerged`` (every evaluated model alone) and ``ensemble`` (averaged
             output probabilities of the models of a task, fig. 2).
         output_dir: where ``results.csv/json``, ``search.csv`` and the plots go.
@@ -75,7 +79,7 @@ class MergeModule(pl.LightningModule):
     def __init__(self, models: list[ModelSpec], methods: list[MergeMethod] | None = None, base: str | None = None,
                  search: CoefficientSearch | None = None, scale_search: CoefficientSearch | None = None,
                  target: NonNegativeInt = 0, select_examples: PositiveFloat = 2048,
-                 report: Literal["best", "all"] = BEST,
+                 report: Literal["best", "all"] = BEST, heldout_curves: bool = False,
                  baselines: list[Literal["unmerged", "ensemble"]] | None = None, output_dir: str = "merge_results",
                  export_dir: str | None = None, export_method: str | None = None, plot: bool = True,
                  root_dir: str | None = None) -> None:
@@ -105,6 +109,7 @@ class MergeModule(pl.LightningModule):
         if export_method is not None and export_method not in names:
             raise ValueError(f"MergeModule(export_method={export_method!r}): not one of the methods {names}")
         self.select_examples, self.report, self.baselines = select_examples, report, baselines
+        self.heldout_curves = heldout_curves
         self.output_dir, self.export_dir, self.export_method, self.plot = output_dir, export_dir, export_method, plot
         self.backbones = nn.ModuleList()
         self._prepared = False
@@ -222,7 +227,7 @@ class MergeModule(pl.LightningModule):
         self.candidates = plan_candidates(
             [(m.name, self._search_of(m).candidates(len(self.specs), self.target)) for m in self.methods],
             baselines, self.evaluated, {i: len(self.specs[i].data.eval_set_names) for i in self.evaluated},
-            {i: bool(self.splits[i][1]) for i in self.evaluated}, self.report)
+            {i: bool(self.splits[i][1]) for i in self.evaluated}, self.report, self.heldout_curves)
         self.loader_units = [(c, unit) for c, cand in enumerate(self.candidates) for unit in cand.units]
         self._loaded: dict[int, int | str] = {}
         self._new_run()

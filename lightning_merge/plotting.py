@@ -139,3 +139,25 @@ def task_scores(rows: Sequence[dict], path) -> Path:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
+
+
+def models_and_merges(rows: Sequence[dict], path) -> Path:
+    """Merging as an ensemble (NeurIPS paper §3.1, fig. 2): several models of one task, the held-out
+    score of each alone (dots, with their mean as the bar) beside each merge and the output ensemble."""
+    columns = task_columns(rows)
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 4))
+    for k, row in enumerate(rows):
+        ax.bar(k, row["heldout_score"], 0.6, alpha=0.8)
+        ax.annotate(f"{row['heldout_score']:.3f}", (k, row["heldout_score"]), ha="center", va="bottom", fontsize=8)
+        if row.get("coefficients") is None and row["method"] == "unmerged":
+            ax.scatter([k] * len(columns), [row[c] for c in columns], color="black", s=12, zorder=3,
+                       label="each model alone")
+    scores = _finite(v for r in rows for v in [r["heldout_score"]] + [r.get(c, math.nan) for c in columns])
+    if scores:
+        pad = 0.1 * (max(scores) - min(scores)) or 0.01
+        ax.set_ylim(min(scores) - 3 * pad, max(scores) + pad)
+    ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=20)
+    ax.set_ylabel("held-out score")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)

@@ -124,9 +124,14 @@ def test_models_of_one_task_merge_heads_and_form_the_ensemble(pair, glue_dir, tm
     root, models = pair
     second = write_tiny_bert(tmp_path / "rte2", 2, seed=13)
     results = run_merge(tmp_path, {
-        "models": [glue_spec(models["rte"], "rte", glue_dir), {"path": str(second), "task": "rte"}],
+        "models": [{**glue_spec(m, "rte", glue_dir), "task": "rte"} for m in (models["rte"], second)],
         "select_examples": 0.5, "output_dir": str(tmp_path / "out")})
     rows = {r["method"]: r for r in results["results"]}
+    # both models evaluated, each alone: the unmerged row is their mean, with their spread
+    alone = [rows["unmerged"][f"{name}/heldout_score"] for name in results["facts"]["names"]]
+    assert rows["unmerged"]["heldout_score"] == pytest.approx(sum(alone) / 2)
+    assert rows["unmerged"]["heldout_std"] == pytest.approx(abs(alone[0] - alone[1]) / 2 ** 0.5)
+    assert (tmp_path / "out" / "models_and_merges.png").stat().st_size > 0
     assert set(rows) == {"unmerged", "ensemble", "isotropic"} and rows["isotropic"]["coefficients"] == [0.5, 0.5]
     a, la = logits_on(models["rte"], {}, glue_dir, range(10))
     b, _ = logits_on(second, {}, glue_dir, range(10))

@@ -12,7 +12,8 @@ from pathlib import Path
 from lightning_merge.atomic import staged_file
 
 RESULTS_JSON = "results.json"
-MAIN_COLUMNS = ("method", "coefficients", "selection_score", "heldout_score", "full_score", "normalized_heldout")
+MAIN_COLUMNS = ("method", "coefficients", "selection_score", "heldout_score", "heldout_std", "full_score",
+                "normalized_heldout")
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -42,17 +43,24 @@ def format_table(rows: list[dict]) -> str:
     if any("normalized_heldout" in r for r in rows):
         keys.append("normalized_heldout")
         header.append("held-out ÷ unmerged")
-    lines = [[str(r["method"]), _coefficients(r.get("coefficients")) or "-",
-              *(("nan" if math.isnan(v) else f"{v:.4f}") for v in (r.get(k, math.nan) for k in keys))]
+    def cell(r: dict, key: str) -> str:
+        v = r.get(key, math.nan)
+        text = "nan" if math.isnan(v) else f"{v:.4f}"
+        if key == "heldout_score" and "heldout_std" in r:  # the models alone: mean ± their spread
+            text += f" ± {r['heldout_std']:.4f}"
+        return text
+
+    lines = [[str(r["method"]), _coefficients(r.get("coefficients")) or "-", *(cell(r, k) for k in keys)]
              for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [header, *lines])
 
 
 def write_results(output_dir: str | os.PathLike, rows: list[dict], search: list[dict], target: int = 0,
-                  plot: bool = True) -> str:
+                  plot: bool = True, one_task: bool = False) -> str:
     """``results.csv`` (reported rows), ``search.csv`` (every candidate's selection score) and, when they
-    apply, ``score_vs_lambda.png`` and ``iid_vs_ood.png``. Returns the table text. ``results.json`` is
+    apply, ``score_vs_lambda.png``, ``iid_vs_ood.png``, and ``models_and_merges.png`` (``one_task``: every
+    evaluated model is of one task, as in ensembling) or ``tasks.png``. Returns the table text. ``results.json`` is
     the stage's completion marker: :func:`write_completion_marker` writes it after everything else."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +74,9 @@ def write_results(output_dir: str | os.PathLike, rows: list[dict], search: list[
             plotting.score_vs_lambda(search, rows, target, out / "score_vs_lambda.png")
         if any(r.get("coefficients") is not None for r in rows) and plotting.ood_columns(rows):
             plotting.iid_vs_ood(rows, target, out / "iid_vs_ood.png")
-        if len(plotting.task_columns(rows)) >= 3:
+        if one_task and len(plotting.task_columns(rows)) >= 2:
+            plotting.models_and_merges(rows, out / "models_and_merges.png")
+        elif len(plotting.task_columns(rows)) >= 3:
             plotting.task_scores(rows, out / "tasks.png")
     return format_table(rows)
 

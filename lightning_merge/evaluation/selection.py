@@ -114,6 +114,11 @@ def result_tables(candidates: Sequence[Candidate], methods: Sequence[str], basel
               for m in methods for c in searched(candidates, m)]
     row = lambda c, rest=None: result_row(candidates, c, rest, evaluated, model_names, set_names, metrics)  # noqa: E731
     rows = [row(c) for c, cand in enumerate(candidates) if cand.method in baselines]
+    for r in rows:
+        if r["method"] == UNMERGED and len(evaluated) > 1:  # the models alone: their spread beside their mean
+            scores = [r[f"{model_names[i]}/heldout_score"] for i in evaluated]
+            mean = sum(scores) / len(scores)
+            r["heldout_std"] = math.sqrt(sum((x - mean) ** 2 for x in scores) / (len(scores) - 1))
     for method in methods:
         if report == ALL:
             rows += [row(c) for c in searched(candidates, method)]

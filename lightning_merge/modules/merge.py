@@ -375,7 +375,8 @@ class MergeModule(pl.LightningModule):
                      "selection_examples": {self.names[i]: len(self.splits[i][0]) for i in self.evaluated},
                      "heldout_examples": {self.names[i]: len(self.splits[i][1]) for i in self.evaluated},
                      "stage": self.stage, "report": self.report, "merge_seconds": self.merge_seconds}
-            written = write_results(self.output_dir, rows, search, self.target, self.plot)
+            one_task = len({self.tasks[i] for i in self.evaluated}) == 1
+            written = write_results(self.output_dir, rows, search, self.target, self.plot, one_task)
             rank_zero_info("Merge results:\n" + written)
             exported = self._export(search) if self.export_dir else []
             marker = write_completion_marker(self.output_dir, rows, search, {**facts, "exported": exported})

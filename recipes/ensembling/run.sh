@@ -2,12 +2,13 @@
 # Merging as an alternative to ensembling (NeurIPS paper §3.1, fig. 2): M checkpoints of one task,
 # merged with λ = 1/M (isotropic and Fisher), against their output ensemble and the models alone.
 #   1 finetune  one model per seed in SEEDS (skipped when MODELS lists checkpoints) -> $OUT_DIR/seed*/export
-#   2 fisher    exact Fisher of each                                              -> $OUT_DIR/fisher/*.safetensors
+#   2 fisher    Fisher of each, full and mask-node                                -> $OUT_DIR/fisher/model*.{full,mask}.safetensors
 #   3 merge                                                                       -> $OUT_DIR/results.csv
 # Environment (defaults): TASK (RTE), SEEDS ("1 2 3 4 5"), MODELS (space-separated hub ids or export
 # folders; fine-tunes nothing when set), MODEL_CONFIG (configs/model/minilm.yaml; configs/model/bert_base.yaml
 # for the paper), DATA_DIR (../shared/data/glue; "null" for the hub), EPOCHS (3), MAX_TRAIN_EXAMPLES
-# (all), FISHER_EXAMPLES (4096), OUT_DIR (outputs/ensembling), FORCE=1, EXTRA_ARGS.
+# (all), FISHER_EXAMPLES (4096; RTE's train set has 2490), FISHER_VARIANT (auto: exact up to 16 labels),
+# OUT_DIR (outputs/ensembling), FORCE=1, EXTRA_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source recipes/lib.sh
@@ -19,6 +20,7 @@ DATA_DIR=${DATA_DIR:-../shared/data/glue}
 EPOCHS=${EPOCHS:-3}
 MAX_TRAIN_EXAMPLES=${MAX_TRAIN_EXAMPLES:-null}
 FISHER_EXAMPLES=${FISHER_EXAMPLES:-4096}
+FISHER_VARIANT=${FISHER_VARIANT:-auto}
 OUT_DIR=${OUT_DIR:-outputs/ensembling}
 FORCE=${FORCE:-0}
 
@@ -43,17 +45,20 @@ fi
 
 specs=""
 for i in "${!paths[@]}"; do
-  out="$OUT_DIR/fisher/model$i.safetensors"
-  if ! done_already "$out" "fisher model $i (${paths[$i]})"; then
+  for kind in full mask; do
+    out="$OUT_DIR/fisher/model$i.$kind.safetensors"
+    done_already "$out" "$kind Fisher of model $i (${paths[$i]})" && continue
     lightning-merge predict --config configs/data/glue.yaml --config configs/fisher/exact.yaml \
       --model.init_args.backbone.init_args.name_or_path "${paths[$i]}" --model.init_args.output "$out" \
+      --model.init_args.kind "$kind" --model.init_args.variant "$FISHER_VARIANT" \
       --data.init_args.task "$TASK" --data.init_args.data_dir "$DATA_DIR" \
       --data.init_args.max_predict_examples "$FISHER_EXAMPLES" --trainer.default_root_dir "$OUT_DIR/fisher" \
       ${EXTRA_ARGS:-}
-  fi
+  done
   path=${paths[$i]}; [[ -e "$path" ]] && path=$(realpath "$path")
-  specs+="{path: $path, fisher: $(realpath "$out"), task: $TASK, data: {class_path: lightning_merge.data.GlueDataModule,
-          init_args: {task: $TASK, data_dir: $DATA_DIR}}},"
+  specs+="{path: $path, fisher: $(realpath "$OUT_DIR/fisher/model$i.full.safetensors"),
+          mask_fisher: $(realpath "$OUT_DIR/fisher/model$i.mask.safetensors"), task: $TASK,
+          data: {class_path: lightning_merge.data.GlueDataModule, init_args: {task: $TASK, data_dir: $DATA_DIR}}},"
 done
 if ! done_already "$OUT_DIR/results.json" "merge ${#paths[@]} models, λ = 1/${#paths[@]}"; then
   lightning-merge validate --config recipes/ensembling/merge.yaml --model.init_args.root_dir "$OUT_DIR" \

@@ -68,5 +68,28 @@ def write_tiny_bert(directory: Path, num_labels: int = 2, seed: int | None = Non
     return directory
 
 
+def write_tiny_gpt2(directory: Path, num_labels: int = 2, seed: int | None = None) -> Path:
+    """A 2-layer, width-32 GPT-2 classifier (MLP width 37, so (in, out) and (out, in) differ) with a
+    byte-level BPE tokenizer over the letters of :data:`WORDS` (no merges: one token per character) and,
+    as GPT-2's own, no pad token."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2TokenizerFast
+
+    torch.manual_seed(num_labels if seed is None else seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    letters = sorted(set("".join(WORDS)))
+    vocab = {"<|endoftext|>": 0, "\u0120": 1, **{c: i + 2 for i, c in enumerate(letters)}}  # \u0120: a space
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe, unk_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                  eos_token="<|endoftext|>")
+    config = GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=32, n_layer=2, n_head=4, n_inner=37,
+                        num_labels=num_labels, bos_token_id=0, eos_token_id=0)
+    GPT2ForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 TINY_VIT = dict(model_name="vit_tiny_patch16_224", img_size=8, patch_size=2,
                 model_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 4})

@@ -60,6 +60,12 @@ class Backbone(nn.Module, ABC):
     def _export_files(self, directory: Path) -> dict:
         """Write the native files into ``directory``; return what the manifest needs to rebuild."""
 
+    #: Hugging Face ``model_type`` values this family loads when a folder or hub id has no export manifest
+    hf_model_types: tuple[str, ...] = ()
+    #: module types that compute ``y = x W + b`` with ``W`` stored ``(in, out)`` (GPT-2's ``Conv1D``):
+    #: the Fisher and Gram engines treat them as linear layers in that layout
+    transposed_linear: tuple[type, ...] = ()
+
     def added_parameters(self) -> list:
         """Parameters added to a module's output (:class:`~lightning_merge.backbones.mask_sites.AddedParameter`)
         that the per-example Fisher engine cannot find from layer types alone; default: none."""

@@ -30,7 +30,8 @@ class MaskSite:
     ``module`` is hooked on its output (``pre=False``) or on its input (``pre=True``); the activation's
     last dimension is ``units`` (FFN) or ``units × head_dim`` (heads). ``qk``/``v`` are
     ``(parameter base name, first row)`` pairs (fused QKV layers share a base with different rows),
-    ``out`` the base name of the layer that reads the masked activation.
+    ``out`` the base name of the layer that reads the masked activation. ``columns``: those layers store
+    their weight as ``(in, out)`` (GPT-2's ``Conv1D``), so an output unit is a column, not a row.
     """
 
     name: str
@@ -43,10 +44,11 @@ class MaskSite:
     v: tuple[str, int] | None = None
     gated: str | None = None  # FFN: the first FFN layer, whose rows the masks gate
     out: str | None = None
+    columns: bool = False
 
     def layout(self) -> dict:
         """JSON-able description stored with the mask Fisher (no module)."""
-        return {k: getattr(self, k) for k in ("kind", "units", "head_dim", "qk", "v", "gated", "out")}
+        return {k: getattr(self, k) for k in ("kind", "units", "head_dim", "qk", "v", "gated", "out", "columns")}
 
     def apply(self, activation: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Multiply ``activation (B, T, units·head_dim)`` by ``mask (B, units)``."""

@@ -157,6 +157,24 @@ def subsample(ds: datasets.Dataset, max_examples: int | None, seed: int) -> data
     return ds.shuffle(seed=seed).select(range(max_examples))
 
 
+class TokenizedSplits(dict):
+    """role -> tokenized split, tokenized at first use from ``raw`` (role -> canonical split)."""
+
+    def __init__(self, tokenize) -> None:
+        super().__init__()
+        self.raw: dict[str, datasets.Dataset] = {}
+        self.tokenize = tokenize
+
+    def __missing__(self, role: str) -> datasets.Dataset:
+        if role not in self.raw:
+            raise KeyError(f"no {role} split: call setup() for its stage first")
+        self[role] = tokenized = self.tokenize(self.raw[role])
+        return tokenized
+
+    def __contains__(self, role: object) -> bool:
+        return dict.__contains__(self, role) or role in self.raw
+
+
 class GlueDataModule(pl.LightningDataModule):
     """A GLUE task for fine-tuning, Fisher estimation and evaluation.
 
@@ -204,7 +222,7 @@ class GlueDataModule(pl.LightningDataModule):
         self.data_dir = data_dir
         self.tokenizer_name = tokenizer
         self.tokenizer = None
-        self.splits: dict[str, datasets.Dataset] = {}
+        self.splits = TokenizedSplits(self._tokenize)
 
     # -- what downstream stages ask of the data --------------------------------------------------
     @property
@@ -267,16 +285,12 @@ class GlueDataModule(pl.LightningDataModule):
     def _resolve_tokenizer(self):
         if self.tokenizer is not None:
             return self.tokenizer
-        if self.tokenizer_name is not None:
-            from transformers import AutoTokenizer
+        if self.tokenizer_name is None:
+            raise ValueError("GlueDataModule needs `tokenizer`, or a model attached with attach_model(backbone) "
+                             "(the fine-tune, Fisher, Gram and merge stages attach theirs)")
+        from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
-        else:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            backbone = getattr(module, "backbone", None)
-            if getattr(backbone, "tokenizer", None) is None:
-                raise ValueError("GlueDataModule needs `tokenizer`, or a model whose backbone has one")
-            self.tokenizer = backbone.tokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
         return self.tokenizer
 
     def _tokenize(self, ds: datasets.Dataset) -> datasets.Dataset:
@@ -304,8 +318,9 @@ class GlueDataModule(pl.LightningDataModule):
             if role in self.splits:
                 continue
             split, limit = roles[role]
-            # Stored in canonical order (the file's, or the seeded subsample's); loaders sort.
-            self.splits[role] = self._tokenize(subsample(self.load_split(split), limit, hp.seed))
+            # Stored in canonical order (the file's, or the seeded subsample's); loaders sort. Tokenized
+            # at first use: the stage's model (and so its tokenizer) is attached after this setup.
+            self.splits.raw[role] = subsample(self.load_split(split), limit, hp.seed)
 
     # -- loaders (one per role: train, validation, test, predict) ------------------------------
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

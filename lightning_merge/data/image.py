@@ -171,8 +171,7 @@ class ImageDataModule(pl.LightningDataModule):
     def _img_size(self) -> int | None:
         if self.hparams.img_size is not None:
             return self.hparams.img_size
-        backbone = getattr(self.trainer.lightning_module, "backbone", None) if self.trainer else None
-        return getattr(backbone, "img_size", None) or self._model_img_size
+        return self._model_img_size  # from attach_model
 
     def _dataset(self, key: str, shift: str | None) -> ShiftedImages:
         if not self.sources:
@@ -194,7 +193,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     # -- evaluation sets for the merge stage -----------------------------------------------------
     def attach_model(self, backbone) -> None:
-        """Resize to ``backbone``'s input size when ``img_size`` is not set (no trainer-side model in merging)."""
+        """Resize to ``backbone``'s input size when ``img_size`` is not set."""
         self._model_img_size = getattr(backbone, "img_size", None)
 
     def eval_size(self, set_index: int = 0, stage: str = "validate") -> int:

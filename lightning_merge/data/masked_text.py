@@ -39,6 +39,7 @@ class MaskedTextDataModule(pl.LightningDataModule):
             raise ValueError(f"mask_probability must be in (0, 1), got {mask_probability}")
         self.save_hyperparameters()
         self.tokenizer = None
+        self.raw: datasets.Dataset | None = None
         self.dataset: datasets.Dataset | None = None
 
     @property
@@ -73,25 +74,28 @@ class MaskedTextDataModule(pl.LightningDataModule):
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(self.hparams.tokenizer)
-        if self.tokenizer is None:
-            backbone = getattr(self.trainer.lightning_module, "backbone", None) if self.trainer else None
-            self.attach_model(backbone)
         if self.tokenizer is None or self.tokenizer.mask_token_id is None:
-            raise ValueError("MaskedTextDataModule needs a tokenizer with a mask token (`tokenizer`, or a model's)")
+            raise ValueError("MaskedTextDataModule needs a tokenizer with a mask token (`tokenizer`, or a model's "
+                             "attached with attach_model(backbone))")
         return self.tokenizer
 
     def setup(self, stage: str | None = None) -> None:
-        if self.dataset is not None:
+        if self.raw is not None:
             return
         hp = self.hparams
         raw = self._load()
         if hp.max_predict_examples is not None and hp.max_predict_examples > len(raw):
             rank_zero_warn(f"Asked for {hp.max_predict_examples} examples but {hp.source} has {len(raw)}: using all")
-        raw = subsample(raw, hp.max_predict_examples, hp.seed)
-        tokenizer = self._resolve_tokenizer()
-        encoded = raw.map(lambda b: tokenizer(b[hp.text_column], truncation=True, max_length=hp.max_length),
-                          batched=True, remove_columns=raw.column_names)
-        self.dataset = encoded.map(self._mask, with_indices=True)
+        self.raw = subsample(raw, hp.max_predict_examples, hp.seed)
+
+    def _encoded(self) -> datasets.Dataset:
+        """Tokenized and masked at first use: the model (and so its tokenizer) is attached after setup."""
+        if self.dataset is None:
+            hp, raw, tokenizer = self.hparams, self.raw, self._resolve_tokenizer()
+            encoded = raw.map(lambda b: tokenizer(b[hp.text_column], truncation=True, max_length=hp.max_length),
+                              batched=True, remove_columns=raw.column_names)
+            self.dataset = encoded.map(self._mask, with_indices=True)
+        return self.dataset
 
     def _mask(self, example: dict[str, Any], index: int) -> dict[str, Any]:
         ids = list(example["input_ids"])
@@ -119,5 +123,5 @@ class MaskedTextDataModule(pl.LightningDataModule):
         return batch
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.hparams.batch_size, collate_fn=self.collate,
+        return DataLoader(self._encoded(), batch_size=self.hparams.batch_size, collate_fn=self.collate,
                           num_workers=self.hparams.num_workers)

@@ -153,10 +153,12 @@ def expand_mask_fisher(mask_fisher: dict[str, torch.Tensor], layout: dict[str, d
         fill = torch.cat([mask_fisher[n].flatten() for n in layout]).mean().item()
     weights = {name: torch.full(shape, fill) for name, shape in shapes.items()}
 
-    def set_rows(base: str, first_row: int, per_row: torch.Tensor) -> None:
+    def set_rows(base: str, first_row: int, per_row: torch.Tensor, columns: bool = False) -> None:
         for suffix in (".weight", ".bias"):
             if base + suffix in weights:
                 w = weights[base + suffix]
+                if columns and w.dim() == 2:  # (in, out) storage: output unit r is column r
+                    w = w.T
                 rows = per_row.reshape(-1, *([1] * (w.dim() - 1))).expand(-1, *w.shape[1:])
                 w[first_row:first_row + len(per_row)] = rows
 
@@ -167,16 +169,17 @@ def expand_mask_fisher(mask_fisher: dict[str, torch.Tensor], layout: dict[str, d
 
     for name, site in layout.items():
         f = mask_fisher[name].float()
+        columns = site.get("columns", False)  # files written before GPT-2 support lack the key
         if site["kind"] == HEADS:
             per_row = f.repeat_interleave(site["head_dim"])
             if rule == RELEASED:
                 if site["v"] is not None:
-                    set_rows(site["v"][0], site["v"][1], torch.full_like(per_row, f.mean().item()))
+                    set_rows(site["v"][0], site["v"][1], torch.full_like(per_row, f.mean().item()), columns)
                 set_all(site["out"], f.mean().item())
             for base, first_row in site["qk"]:
-                set_rows(base, first_row, per_row)
+                set_rows(base, first_row, per_row, columns)
         else:
             if rule == RELEASED:
                 set_all(site["out"], f.mean().item())
-            set_rows(site["gated"], 0, f)
+            set_rows(site["gated"], 0, f, columns)
     return weights

@@ -6,7 +6,8 @@ batch-summed loss is a different, wrong quantity. Looping over examples is exact
 output; parameters are frozen (so autograd skips the weight-gradient GEMMs); ``autograd.grad`` is
 taken with respect to the layer *outputs*; each example's parameter gradient is then rebuilt:
 
-* ``nn.Linear``: ``G_b = Σ_t g_bt ⊗ x_bt`` (one batched product, or on CPU one product per example
+* ``nn.Linear`` (and layers a backbone declares as transposed linears, GPT-2's ``Conv1D``, whose
+  weight is ``(in, out)``): ``G_b = Σ_t g_bt ⊗ x_bt`` (one batched product, or on CPU one product per example
   over the rows where ``g_b`` is not zero: :mod:`~lightning_merge.fisher.zero_rows`), bias ``Σ_t g_bt``;
   with one row per example (an MLP, a pooler, a head, or a last layer where only [CLS] carries
   gradient) ``G_b`` is rank one and ``Σ_b G_b∘G_b = (g∘g)ᵀ(x∘x)``, a single product;
@@ -95,6 +96,9 @@ def _add_bias(params: dict[str, str], g: torch.Tensor, sums: dict[str, torch.Ten
 
 
 class _LinearSite(_Site):
+    #: the weight is stored ``(in, out)`` (GPT-2's ``Conv1D``: ``y = x W + b``), not ``(out, in)``
+    transposed = False
+
     def accumulate(self, grad, sums):
         x, g = self.input, grad
         x = x.reshape(x.shape[0], -1, x.shape[-1]).to(g.dtype)
@@ -102,22 +106,27 @@ class _LinearSite(_Site):
         if "weight" in self.params:  # else a tie accumulates it (see _TiedEmbeddingLinear)
             target = sums[self.params["weight"]]
             lengths = active_prefix_lengths(g)
+            # G_b = Σ_t a_btᵀ ⊗ c_bt in the weight's own layout: (g, x) for (out, in), (x, g) for (in, out)
+            a, c = (x, g) if self.transposed else (g, x)
             if g.shape[1] == 1 or (lengths is not None and max(lengths) <= 1):
-                # One row per example (no sequence, or only [CLS] carries gradient): G_b = g_b x_bᵀ is
-                # rank one, so Σ_b G_b∘G_b = (g∘g)ᵀ(x∘x): one GEMM, no (B, out, in) tensor.
-                g0, x0 = g[:, 0], x[:, 0]
-                target.add_(torch.mm(g0.square().T, x0.square()))
+                # One row per example (no sequence, or only [CLS] carries gradient): G_b = a_b c_bᵀ is
+                # rank one, so Σ_b G_b∘G_b = (a∘a)ᵀ(c∘c): one GEMM, no (B, out, in) tensor.
+                target.add_(torch.mm(a[:, 0].square().T, c[:, 0].square()))
             elif lengths is None:
-                per_example = self.workspace.get((g.shape[0], g.shape[-1], x.shape[-1]), g)
-                torch.bmm(g.transpose(1, 2), x, out=per_example)  # G_b = Σ_t g_bt x_btᵀ
+                per_example = self.workspace.get((g.shape[0], a.shape[-1], c.shape[-1]), g)
+                torch.bmm(a.transpose(1, 2), c, out=per_example)
                 target.add_(per_example.square_().sum(0))
             else:
-                per_example = self.workspace.get((g.shape[-1], x.shape[-1]), g)
+                per_example = self.workspace.get((a.shape[-1], c.shape[-1]), g)
                 for b, length in enumerate(lengths):
                     if length:
-                        torch.mm(g[b, :length].T, x[b, :length], out=per_example)
+                        torch.mm(a[b, :length].T, c[b, :length], out=per_example)
                         target.addcmul_(per_example, per_example)
         _add_bias(self.params, g, sums)
+
+
+class _TransposedLinearSite(_LinearSite):
+    transposed = True
 
 
 class _LayerNormSite(_Site):
@@ -223,9 +232,11 @@ class _TiedEmbeddingLinear:
             target.add_(per_example.square_().sum(0).to(target.dtype))
 
 
-def _site_class(module: nn.Module, has_params: bool):
+def _site_class(module: nn.Module, has_params: bool, transposed_linear: tuple[type, ...] = ()):
     if isinstance(module, nn.Linear):
         return _LinearSite
+    if transposed_linear and isinstance(module, transposed_linear):
+        return _TransposedLinearSite
     if isinstance(module, nn.LayerNorm) and has_params:
         return _LayerNormSite
     if isinstance(module, nn.Embedding):
@@ -235,8 +246,8 @@ def _site_class(module: nn.Module, has_params: bool):
     return None
 
 
-def _sites(model: nn.Module, added_parameters: Sequence[AddedParameter] = ()
-           ) -> tuple[list[_Site], list[_TiedEmbeddingLinear]]:
+def _sites(model: nn.Module, added_parameters: Sequence[AddedParameter] = (),
+           transposed_linear: tuple[type, ...] = ()) -> tuple[list[_Site], list[_TiedEmbeddingLinear]]:
     """Every site, and the ties between them. A parameter reached through a module that computes
     nothing with it (BERT's ``cls.predictions.bias``, used by the decoder) belongs to its user."""
     canonical = {id(p): n for n, p in model.named_parameters()}  # tied parameters appear once here
@@ -245,7 +256,7 @@ def _sites(model: nn.Module, added_parameters: Sequence[AddedParameter] = ()
     ties: list[_TiedEmbeddingLinear] = []
     for prefix, module in model.named_modules():
         trainable = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-        kind = _site_class(module, bool(trainable))
+        kind = _site_class(module, bool(trainable), transposed_linear)
         if kind is not None:
             site = kind(module, {})
             for n, p in trainable.items():
@@ -290,14 +301,16 @@ class PerExampleSquaredGradients:
     Use: ``with engine.capture(batch_size): logits = model(...)``, then ``engine.accumulate(logits, V)``
     with ``V`` of shape ``(K, B, C)`` (see :mod:`lightning_merge.fisher.directions`). Parameters are
     frozen while the engine is attached and restored by :meth:`detach`. ``added_parameters``: what the
-    backbone says is added to a module's output (:meth:`Backbone.added_parameters`).
+    backbone says is added to a module's output (:meth:`Backbone.added_parameters`);
+    ``transposed_linear``: module types computing ``x W + b`` with ``W`` stored ``(in, out)``
+    (:attr:`Backbone.transposed_linear`, GPT-2's ``Conv1D``).
     """
 
     def __init__(self, model: nn.Module, accumulate_dtype: torch.dtype = torch.float32,
-                 added_parameters: Sequence[AddedParameter] = ()) -> None:
+                 added_parameters: Sequence[AddedParameter] = (), transposed_linear: tuple[type, ...] = ()) -> None:
         self.model = model
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.sites, self.ties = _sites(model, added_parameters)
+        self.sites, self.ties = _sites(model, added_parameters, tuple(transposed_linear))
         self.workspace = _Workspace()
         for site in self.sites:
             site.workspace = self.workspace

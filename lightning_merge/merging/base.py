@@ -9,7 +9,8 @@ A method declares
 * ``coefficients``: ``convex`` (``λ_i ≥ 0`` normalized to sum 1: weights of an average) or ``scale``
   (``λ_i ≥ 0`` used as given: scales of task vectors);
 * its hyper-parameters as typed ``__init__`` arguments (jsonargparse checks them when parsing YAML);
-* optionally ``whole_rows = True``: every piece of a matrix holds whole rows (RegMean solves per row);
+* optionally :meth:`piece_unit`: how many elements of a tensor a piece must hold a multiple of
+  (RegMean: whole rows of a matrix, or the whole matrix when it is stored ``in × out``);
   ``open_input`` (its own reader of a per-model input) and ``check_inputs(name, readers)`` (a check
   across all models' readers of one input, run when they are opened).
 
@@ -50,10 +51,13 @@ class MergeMethod:
     model_inputs: tuple[str, ...] = ()
     shared_inputs: tuple[str, ...] = ()
     coefficients: ClassVar[Literal["convex", "scale"]] = CONVEX
-    whole_rows: ClassVar[bool] = False
 
     def __init__(self, name: str) -> None:
         self.name = name
+
+    def piece_unit(self, name: str, shape: torch.Size) -> int:
+        """Pieces of tensor ``name`` hold a multiple of this many elements (default 1: any cut)."""
+        return 1
 
     def prepare(self, pieces: Callable[[], Iterator[Piece]], num_models: int) -> None:
         """A pass (or several: call ``pieces()`` again) over every piece before merging; default: none."""

@@ -109,10 +109,8 @@ class MergePlan:
             warnings.warn(note, stacklevel=4)
 
     def _chunk(self, name: str) -> int:
-        shape = self.shapes[name]
-        if not getattr(self.method, "whole_rows", False) or len(shape) < 2:
-            return self.chunk
-        return max(shape[-1], self.chunk // shape[-1] * shape[-1])  # whole rows of a matrix per piece
+        unit = self.method.piece_unit(name, self.shapes[name])
+        return self.chunk if unit <= 1 else max(unit, self.chunk // unit * unit)
 
     def pieces(self) -> Iterator[Piece]:
         for name in self.names:

@@ -93,7 +93,6 @@ class RegMeanMerge(MergeMethod):
     """
 
     coefficients = CONVEX
-    whole_rows = True  # a piece holds whole rows of a weight: each row needs every input feature
 
     def __init__(self, gram: str = "gram", alpha: Alpha = 0.9, singular: Literal["average", "error"] = "average",
                  fisher: str | None = None, floor: NonNegativeFloat = 1e-6, name: str = "regmean") -> None:
@@ -107,6 +106,7 @@ class RegMeanMerge(MergeMethod):
         self._work = Workspace()
         self._factor: tuple | None = None
         self.singular_layers: set[str] = set()
+        self.transposed: set[str] = set()  # weights stored in × out (GPT-2's Conv1D), from the Gram files
 
     def open_input(self, name, source, shapes, label, in_memory) -> GramInput | Statistics:
         if name == self.fisher:
@@ -117,12 +117,20 @@ class RegMeanMerge(MergeMethod):
         """Every model has a Gram for the same layers."""
         if name != self.field:
             return
+        self.transposed = set.union(*(r.transposed for r in readers))
         covered = set.union(*(r.weights for r in readers))
         for reader in readers:
             lacking = sorted(covered - reader.weights)
             if lacking:
                 raise ValueError(f"{reader.label} has no Gram for {len(lacking)} layers the other models' Grams "
                                  f"cover: {lacking[:5]}")
+
+    def piece_unit(self, name: str, shape: torch.Size) -> int:
+        """Each output unit needs every input feature: whole rows of an ``out × in`` weight, the whole of
+        an ``in × out`` one (its output units are columns)."""
+        if name in self.transposed:
+            return shape.numel()
+        return shape[-1] if len(shape) >= 2 else 1
 
     def _solver(self, grams: list[torch.Tensor], coefficients: list[float]) -> tuple[list[int], torch.Tensor | None]:
         """The active models and the factor of their ``A``, kept while the pieces of one layer (and the
@@ -157,6 +165,7 @@ class RegMeanMerge(MergeMethod):
             isotropic_merge(piece.thetas, coefficients, out=out)
             return
         d = grams[0].shape[0]
-        rows = [piece.thetas[i].reshape(-1, d) for i in active]
+        transposed = piece.name in self.transposed  # W stored in × out: its transpose has the rows
+        rows = [piece.thetas[i].reshape(d, -1).T if transposed else piece.thetas[i].reshape(-1, d) for i in active]
         merged = regmean_rows(rows, [grams[i] for i in active], [coefficients[i] for i in active], self.alpha, factor)
-        out.copy_(merged.reshape(-1))
+        out.copy_((merged.T if transposed else merged).reshape(-1))

@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassStatScores
 
 from lightning_merge.atomic import check_writable
 from lightning_merge.backbones import Backbone
+from lightning_merge.data.protocol import ModelAware
 from lightning_merge.regularization import l2_to_reference
 
 
@@ -54,6 +55,8 @@ class FineTuneModule(pl.LightningModule):
         datamodule = self.trainer.datamodule
         if datamodule is None:
             return
+        if isinstance(datamodule, ModelAware):  # its tokenizer / input size come from this model
+            datamodule.attach_model(self.backbone)
         if datamodule.num_labels != self.backbone.num_labels:
             raise ValueError(
                 f"The model's head has {self.backbone.num_labels} outputs but the data has "

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import lightning_merge
 from lightning_merge.atomic import check_writable
 from lightning_merge.backbones import Backbone
+from lightning_merge.data.protocol import ModelAware
 from lightning_merge.fisher.directions import VARIANTS, logit_directions
 from lightning_merge.fisher.io import save_fisher
 from lightning_merge.fisher.masks import MaskFisherEngine
@@ -85,7 +86,7 @@ class FisherEstimationModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
-        if hasattr(datamodule, "attach_model"):
+        if isinstance(datamodule, ModelAware):
             datamodule.attach_model(self.backbone)
         if self.variant == "exact" and self.backbone.num_labels > MAX_EXACT_LABELS:
             raise ValueError(f"the exact Fisher needs {self.backbone.num_labels - 1} backward passes per batch "
@@ -107,7 +108,8 @@ class FisherEstimationModule(pl.LightningModule):
             self.engine = MaskFisherEngine(self.backbone.model, self.mask_sites)
         else:
             self.engine = PerExampleSquaredGradients(self.backbone.model,
-                                                     added_parameters=self.backbone.added_parameters())
+                                                     added_parameters=self.backbone.added_parameters(),
+                                                     transposed_linear=self.backbone.transposed_linear)
         self.generator = torch.Generator().manual_seed(self.hparams.seed + self.global_rank)
         self.num_examples = 0
 

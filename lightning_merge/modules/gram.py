@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_merge.atomic import check_writable
 from lightning_merge.backbones import Backbone
+from lightning_merge.data.protocol import ModelAware
 from lightning_merge.modules.fisher import provenance, stop_if_terminated
 from lightning_merge.statistics.gram import GramAccumulator, linear_layers, weight_keys
 from lightning_merge.statistics.gram_file import save_gram
@@ -48,14 +49,14 @@ class GramEstimationModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
-        if hasattr(datamodule, "attach_model"):
+        if isinstance(datamodule, ModelAware):
             datamodule.attach_model(self.backbone)
 
     def on_predict_start(self) -> None:
         if self.trainer.is_global_zero:  # found now, not after the whole estimation
             check_writable(Path(self.hparams.output).parent, "Gram file")
         self.backbone.eval()
-        self.layers = linear_layers(self.backbone.model, self.backbone.is_head)
+        self.layers = linear_layers(self.backbone.model, self.backbone.is_head, self.backbone.transposed_linear)
         if not self.layers:
             raise ValueError(f"{type(self.backbone).__name__} has no linear layer outside its head: "
                              "no Gram to estimate")
@@ -82,8 +83,10 @@ class GramEstimationModule(pl.LightningModule):
         if self.trainer.is_global_zero:
             metadata = {"num_examples": total, "num_tokens": max(rows.values()), "dtype": self.hparams.dtype,
                         **provenance(self.backbone, self.trainer.datamodule)}
+            transposed = [f"{name}.weight" for name, layer in self.layers.items()
+                          if isinstance(layer, self.backbone.transposed_linear)]
             save_gram(self.hparams.output, sums, rows, weight_keys(self.layers, engine.shared), metadata,
-                      shard_bytes=self.hparams.shard_mb << 20)
+                      shard_bytes=self.hparams.shard_mb << 20, transposed=transposed)
             self.summary = (f"wrote {len(sums)} Grams ({len(self.layers)} linear layers) of {total} examples to "
                             f"{self.hparams.output}")
             rank_zero_info(self.summary[0].upper() + self.summary[1:])

@@ -24,6 +24,7 @@ from torch import nn
 
 from lightning_merge.atomic import check_writable
 from lightning_merge.data.batch import EXAMPLE_INDEX, LABELS
+from lightning_merge.data.protocol import EvaluationData
 from lightning_merge.evaluation.ensemble import ensemble_outputs
 from lightning_merge.evaluation.results import write_completion_marker, write_results
 from lightning_merge.evaluation.selection import (
@@ -96,6 +97,11 @@ class MergeModule(pl.LightningModule):
         baselines = [UNMERGED, ENSEMBLE] if baselines is None else list(baselines)
         if not any(spec.data is not None for spec in models):
             raise ValueError("no model has `data`: give the evaluation data of at least one model's task")
+        for i, spec in enumerate(models):
+            if spec.data is not None and not isinstance(spec.data, EvaluationData):
+                raise TypeError(f"model {i} ({spec.path}): {type(spec.data).__name__} is not evaluation data: it "
+                                "needs attach_model, setup, task_metrics, eval_size and eval_loader "
+                                "(lightning_merge.data.protocol.EvaluationData)")
         self.specs, self.target, self.base = list(models), target, base
         self.methods = list(methods) if methods is not None else self._default_methods()
         names = [m.name for m in self.methods]

@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 
-def linear_layers(model: nn.Module, is_head=lambda name: False) -> dict[str, nn.Linear]:
-    """The layers RegMean merges: every ``nn.Linear`` outside the task head, by module name. (GPT-2's
-    ``Conv1D`` stores its weight ``in × out``; it joins when that family does.)"""
+def linear_layers(model: nn.Module, is_head=lambda name: False,
+                  transposed_linear: tuple[type, ...] = ()) -> dict[str, nn.Module]:
+    """The layers RegMean merges: every ``nn.Linear`` outside the task head, by module name, and every
+    layer of the ``transposed_linear`` types (GPT-2's ``Conv1D``, weight stored ``in × out``)."""
+    kinds = (nn.Linear, *transposed_linear)
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and not is_head(f"{name}.weight")}
+            if isinstance(module, kinds) and not is_head(f"{name}.weight")}
 
 
 class GramAccumulator:

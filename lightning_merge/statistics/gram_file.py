@@ -7,7 +7,7 @@ uses which Gram (``gram_keys``), how many rows each summed (``gram_rows``), and 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -20,10 +20,12 @@ SYMMETRY_TOLERANCE = 1e-5  # |G − Gᵀ| relative to the largest diagonal entry
 
 
 def save_gram(path: str | os.PathLike, sums: Mapping[str, torch.Tensor], rows: Mapping[str, int],
-              keys: Mapping[str, str], metadata: Mapping[str, object], shard_bytes: int = SHARD_BYTES) -> Path:
+              keys: Mapping[str, str], metadata: Mapping[str, object], shard_bytes: int = SHARD_BYTES,
+              transposed: Sequence[str] = ()) -> Path:
     """Write Gram sums (symmetrized: ``(G + Gᵀ)/2`` removes the GEMM's rounding asymmetry), with
-    ``gram_keys`` (weight name -> Gram key) and ``gram_rows`` (Gram key -> rows summed) in the header; a
-    ``path`` ending in ``.safetensors.index.json`` is written in shards of at most ``shard_bytes``."""
+    ``gram_keys`` (weight name -> Gram key), ``gram_rows`` (Gram key -> rows summed) and
+    ``transposed_weights`` (weights stored ``in × out``, GPT-2's ``Conv1D``) in the header; a ``path``
+    ending in ``.safetensors.index.json`` is written in shards of at most ``shard_bytes``."""
     grams = {}
     for key, value in sums.items():
         if not torch.isfinite(value).all():
@@ -33,12 +35,15 @@ def save_gram(path: str | os.PathLike, sums: Mapping[str, torch.Tensor], rows: M
     if absent:
         raise ValueError(f"gram_keys names Grams that are not given: {absent[:5]}")
     return save_tensors(path, grams, {**metadata, "kind": KIND, "gram_keys": dict(keys),
-                                      "gram_rows": {k: int(rows[k]) for k in grams}}, shard_bytes)
+                                      "gram_rows": {k: int(rows[k]) for k in grams},
+                                      "transposed_weights": sorted(transposed)}, shard_bytes)
 
 
-def check_gram(gram: torch.Tensor, weight: str, weight_shape: torch.Size, label: str) -> None:
-    """A Gram fit for ``weight`` (``out × in``): ``in × in``, floating, finite, symmetric, diagonal ≥ 0."""
-    d = weight_shape[-1]
+def check_gram(gram: torch.Tensor, weight: str, weight_shape: torch.Size, label: str,
+               transposed: bool = False) -> None:
+    """A Gram fit for ``weight`` (``out × in``, or ``in × out`` when ``transposed``): ``in × in``, floating,
+    finite, symmetric, diagonal ≥ 0."""
+    d = weight_shape[0 if transposed else -1]
     if len(weight_shape) != 2 or tuple(gram.shape) != (d, d):
         raise ValueError(f"{label}: the Gram for {weight!r} is {tuple(gram.shape)} but the layer's weight is "
                          f"{tuple(weight_shape)} (it needs {d} × {d}): a Gram of another model or layer size")
@@ -60,13 +65,15 @@ def check_gram(gram: torch.Tensor, weight: str, weight_shape: torch.Size, label:
 class GramInput:
     """One model's Grams for a merge (a Gram file, or ``{weight name: Gram}`` in memory): ``read(name,
     …)`` gives the whole Gram of the layer whose weight is ``name`` (every piece of that weight needs
-    all of it), or an empty tensor for a parameter without one. Every Gram is checked on opening."""
+    all of it), or an empty tensor for a parameter without one. Every Gram is checked on opening.
+    ``transposed``: the weights stored ``in × out`` (read from a file's header; given for in-memory Grams)."""
 
     EMPTY = torch.empty(0)
 
     def __init__(self, source: str | os.PathLike | Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size],
-                 label: str, in_memory: bool = False) -> None:
+                 label: str, in_memory: bool = False, transposed: Iterable[str] = ()) -> None:
         self.label = label
+        transposed = set(transposed)
         self.path = None if isinstance(source, Mapping) else Path(source)
         self.file: Checkpoint | None = None
         self._cache: tuple[str | None, torch.Tensor | None] = (None, None)
@@ -83,11 +90,13 @@ class GramInput:
                 raise ValueError(f"{label}: {self.path} is not a Gram file (its header has no kind: gram and "
                                  f"gram_keys): estimate one with GramEstimationModule")
             self.keys = dict(self.metadata["gram_keys"])
+            transposed |= set(self.metadata.get("transposed_weights", ()))
             absent = sorted(set(self.keys.values()) - set(self.file.keys()))
             if absent:
                 self.close()
                 raise ValueError(f"{label}: {self.path} lacks the Grams its header names: {absent[:5]}")
         self.keys = {w: k for w, k in self.keys.items() if w in shapes}  # e.g. heads left out of this merge
+        self.transposed = transposed & set(self.keys)
         keep = in_memory or self._loaded is not None
         users: dict[str, list[str]] = {}
         for weight, key in sorted(self.keys.items()):
@@ -96,7 +105,7 @@ class GramInput:
         for key, weights in users.items():  # one Gram in memory at a time unless kept
             gram = self._gram(key)
             for weight in weights:
-                check_gram(gram, weight, shapes[weight], label)
+                check_gram(gram, weight, shapes[weight], label, weight in self.transposed)
             if keep:
                 loaded[key] = gram
         if keep:

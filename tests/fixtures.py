@@ -91,5 +91,32 @@ def write_tiny_gpt2(directory: Path, num_labels: int = 2, seed: int | None = Non
     return directory
 
 
+def write_tiny_clip(directory: Path, seed: int = 0) -> Path:
+    """A CLIP with 2-layer, width-32 text and image towers (8x8 images, 2x2 patches, MLP width 37,
+    projection 16), saved as a full CLIP checkpoint with a character-level tokenizer that wraps text in
+    start/end tokens (the end token also pads, as CLIP's does)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    letters = sorted(set("".join(WORDS)) | set("0123456789."))
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(letters)}}
+    wordpiece = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", 0), ("<|endoftext|>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, bos_token="<|startoftext|>",
+                                        eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>")
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=16)
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=64, bos_token_id=0,
+                                         eos_token_id=1, pad_token_id=1, **tower),
+                        vision_config=dict(image_size=8, patch_size=2, **tower), projection_dim=16)
+    CLIPModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 TINY_VIT = dict(model_name="vit_tiny_patch16_224", img_size=8, patch_size=2,
                 model_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 4})

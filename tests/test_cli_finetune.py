@@ -143,6 +143,15 @@ COMPOSITIONS = {
     "domain_adaptation/finetune": ("fit", ["configs/trainer/default.yaml", "recipes/domain_adaptation/finetune.yaml"]),
     "domain_adaptation/mlm_fisher": ("predict", ["recipes/domain_adaptation/mlm_fisher.yaml"]),
     "domain_adaptation/merge": ("validate", ["recipes/domain_adaptation/merge.yaml"]),
+    "model/gpt2": ("fit", ["configs/trainer/default.yaml", "configs/model/gpt2.yaml", "configs/data/glue.yaml"]),
+    "gpt2_glue/fisher": ("predict", ["configs/data/glue.yaml", "recipes/gpt2_glue/fisher.yaml"]),
+    "gpt2_glue/gram": ("predict", ["configs/data/glue.yaml", "recipes/gpt2_glue/gram.yaml"]),
+    "gpt2_glue/merge": ("validate", ["recipes/gpt2_glue/merge.yaml"]),
+    "clip_vit_8tasks/fisher": ("predict", ["recipes/clip_vit_8tasks/fisher.yaml"]),
+    "clip_vit_8tasks/gram": ("predict", ["recipes/clip_vit_8tasks/gram.yaml"]),
+    "clip_vit_8tasks/merge": ("validate", ["recipes/clip_vit_8tasks/merge.yaml"]),
+    "clip_vit_8tasks/finetune_offline": ("fit", ["configs/data/digits.yaml", "configs/model/clip_tiny_digits.yaml",
+                                                 "recipes/clip_vit_8tasks/finetune_offline.yaml"]),
 }
 
 

@@ -42,10 +42,10 @@ class Backbone(nn.Module, ABC):
             FAMILIES[cls.family] = cls
 
     @classmethod
-    def from_export(cls, directory: str) -> Backbone:
+    def from_export(cls, directory: str, **options) -> Backbone:
         """Rebuild from an :meth:`export` folder (Hugging Face families also read plain checkpoint folders
-        and hub ids)."""
-        return cls(str(directory))
+        and hub ids); ``options`` are further constructor arguments (e.g. CLIP's ``clip``)."""
+        return cls(str(directory), **options)
 
     @property
     @abstractmethod

@@ -123,8 +123,8 @@ class TimmViT(Backbone):
                              f"unexpected {unexpected[:5]}")
 
     @classmethod
-    def from_export(cls, directory: str) -> TimmViT:
-        return cls(checkpoint=str(directory))
+    def from_export(cls, directory: str, **options) -> TimmViT:
+        return cls(checkpoint=str(directory), **options)
 
     @property
     def num_labels(self) -> int:

@@ -83,7 +83,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     Args:
         source: ``digits`` (scikit-learn's bundled 8x8 digits, split by ``val_fraction``), a local
-            image folder (``datasets`` ``imagefolder``), or a hub dataset name.
+            image folder (``datasets`` ``imagefolder``), or a hub dataset name (with ``hub_config`` its
+            configuration, e.g. SVHN's ``cropped_digits``).
         img_size: resize target (default: the model's ``img_size``).
         train_shift: shift applied to the training domain (and its IID evaluation set).
         eval_shifts: extra evaluation sets, one per named shift (OOD).
@@ -91,7 +92,8 @@ class ImageDataModule(pl.LightningDataModule):
             training images (``train``, in the training domain's shift) or the evaluation images.
     """
 
-    def __init__(self, source: str = DIGITS, img_size: int | None = None, in_chans: int = 3,
+    def __init__(self, source: str = DIGITS, hub_config: str | None = None, img_size: int | None = None,
+                 in_chans: int = 3,
                  train_shift: ShiftName | None = None, eval_shifts: Sequence[ShiftName] = (),
                  val_fraction: float = 0.2,
                  train_split: str = "train", eval_split: str = "test", batch_size: int = 32,
@@ -105,6 +107,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.sources: dict[str, _Source] = {}
         self.label_names_: list[str] | None = None
         self._model_img_size: int | None = None
+        self._model_normalization: tuple | None = None
 
     @property
     def eval_set_names(self) -> list[str]:
@@ -145,7 +148,7 @@ class ImageDataModule(pl.LightningDataModule):
             raise FileNotFoundError(f"ImageDataModule(source={hp.source!r}): no such image folder")
         else:
             try:
-                ds = datasets.load_dataset(hp.source)
+                ds = datasets.load_dataset(hp.source, hp.hub_config)
             except (FileNotFoundError, ConnectionError, OSError) as err:
                 raise FileNotFoundError(f"ImageDataModule(source={hp.source!r}): not an image folder, nor a data "
                                         f"set the hub gives (offline, or no such name): {err}") from err
@@ -165,7 +168,8 @@ class ImageDataModule(pl.LightningDataModule):
     def preprocessing(self) -> dict:
         """How images reach the model, in timm's ``pretrained_cfg`` terms (recorded in exports)."""
         size, chans = self._img_size(), self.hparams.in_chans
-        config = {"mean": (MEAN,) * chans, "std": (STD,) * chans, "interpolation": "bilinear", "crop_pct": 1.0}
+        mean, std = self._model_normalization or ((MEAN,) * chans, (STD,) * chans)
+        config = {"mean": tuple(mean), "std": tuple(std), "interpolation": "bilinear", "crop_pct": 1.0}
         return {**config, "input_size": (chans, size, size)} if size is not None else config
 
     def _img_size(self) -> int | None:
@@ -176,7 +180,14 @@ class ImageDataModule(pl.LightningDataModule):
     def _dataset(self, key: str, shift: str | None) -> ShiftedImages:
         if not self.sources:
             self._load_sources()
-        return ShiftedImages(self.sources[key], self._img_size(), self.hparams.in_chans, shift)
+        mean, std = self._normalization()
+        return ShiftedImages(self.sources[key], self._img_size(), self.hparams.in_chans, shift, mean, std)
+
+    def _normalization(self) -> tuple:
+        if self._model_normalization is None:
+            return MEAN, STD
+        mean, std = self._model_normalization
+        return torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers)
@@ -195,6 +206,8 @@ class ImageDataModule(pl.LightningDataModule):
     def attach_model(self, backbone) -> None:
         """Resize to ``backbone``'s input size when ``img_size`` is not set."""
         self._model_img_size = getattr(backbone, "img_size", None)
+        # per-channel (mean, std) a backbone was trained with (CLIP's), else this module's 0.5 / 0.5
+        self._model_normalization = getattr(backbone, "image_normalization", None)
 
     def eval_size(self, set_index: int = 0, stage: str = "validate") -> int:
         if not self.sources:

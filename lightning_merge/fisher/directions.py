@@ -42,13 +42,15 @@ def sampled_directions(logits: torch.Tensor, num_samples: int, generator: torch.
     p = torch.softmax(logits.detach().float(), dim=-1)
     flat = p.reshape(-1, p.shape[-1])
     labels = torch.multinomial(flat.cpu(), num_samples, replacement=True, generator=generator).to(p.device)
+    # e_y − p in float64: where p_y ≈ 1 (CLIP's temperature of 100) 1 − p_y in float32 keeps few digits
+    p = torch.softmax(logits.detach().double(), dim=-1)
     onehot = torch.nn.functional.one_hot(labels.T, p.shape[-1]).to(p.dtype)  # (k, outputs, C)
     return ((onehot.reshape(num_samples, *p.shape) - p) / num_samples**0.5).to(logits.dtype)
 
 
 def empirical_directions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``(1, *batch, C)``: ``e_y − p`` for the true labels."""
-    p = torch.softmax(logits.detach().float(), dim=-1)
+    p = torch.softmax(logits.detach().double(), dim=-1)  # float64, as in sampled_directions
     onehot = torch.nn.functional.one_hot(labels.clamp(min=0), p.shape[-1]).to(p.dtype)
     return (onehot - p).unsqueeze(0).to(logits.dtype)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -33,6 +34,8 @@ class ModelSpec:
             source and shift (images), else the folder name.
         family: how to load ``path`` when it has no export manifest (``hf_text``, ``hf_mlm``,
             ``timm_vit``; default ``hf_text``), e.g. ``hf_mlm`` for a domain-adapted masked LM.
+        backbone_args: further constructor arguments of the family, e.g. ``{clip: openai/clip-vit-base-patch32}``
+            for a CLIP image tower saved without the projection and text tower it was fine-tuned with.
         allow_missing: this model lacks some of the other models' body tensors (a masked LM has no
             pooler); those are kept from each evaluated model instead of being an architecture error.
         check_provenance: refuse statistics files whose recorded model fingerprint is not this
@@ -47,6 +50,7 @@ class ModelSpec:
     task: str | None = None
     name: str | None = None
     family: str | None = None
+    backbone_args: dict[str, Any] = field(default_factory=dict)
     allow_missing: bool = False
     check_provenance: bool = True
 
@@ -91,7 +95,7 @@ class ModelPool:
 
     def __init__(self, specs: list[ModelSpec], target: int, base: str | None = None) -> None:
         self.specs, self.target, self.base_path = specs, target, base
-        self.backbones: list[Backbone] = [load_backbone(s.path, s.family) for s in specs]
+        self.backbones: list[Backbone] = [load_backbone(s.path, s.family, **(s.backbone_args or {})) for s in specs]
         for backbone in self.backbones:
             backbone.requires_grad_(False).eval()
         self.names = display_names(specs)
@@ -106,7 +110,8 @@ class ModelPool:
         """The pre-trained model's parameters (task-vector methods' ``base``), loaded like a model."""
         if self.base_path is None:
             return None
-        base = load_backbone(self.base_path, self.specs[self.target].family)
+        target = self.specs[self.target]
+        base = load_backbone(self.base_path, target.family, **(target.backbone_args or {}))
         return {n: p.detach() for n, p in base.model.named_parameters()}
 
     def inputs(self, key: str) -> list[str | None]:

@@ -90,6 +90,23 @@ def test_label_count_mismatch_is_named(tiny_bert, glue_dir, tmp_path):
               "--data.data_dir", str(glue_dir), "--trainer.default_root_dir", str(tmp_path)])
 
 
+def test_a_fresh_head_is_sized_from_the_data(tiny_bert, glue_dir, tmp_path):
+    """No num_labels anywhere: a new head (reinit_head, or a checkpoint without one) takes the data's label
+    count when fitting starts, and the L2 term and optimizer see the reloaded body."""
+    cli = main(["fit", "--config", SMOKE,
+                "--model", "lightning_merge.modules.FineTuneModule", "--model.l2_to_pretrained", "0.01",
+                "--model.backbone", "lightning_merge.backbones.HFTextClassifier",
+                "--model.backbone.name_or_path", str(tiny_bert), "--model.backbone.reinit_head", "true",
+                "--model.export_dir", str(tmp_path / "export"),
+                "--data", "lightning_merge.data.GlueDataModule", "--data.task", "mnli",
+                "--data.data_dir", str(glue_dir), "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.model.backbone.num_labels == 3 and cli.trainer.global_step == 2  # 24 examples, batches of 16
+    body = dict(cli.model.backbone.body_named_parameters())
+    assert cli.model._body[0] is next(iter(body.values()))  # the reloaded body, not the first load's
+    assert load_backbone(tmp_path / "export").num_labels == 3
+    assert load_backbone(tmp_path / "export").label_names == ["entailment", "neutral", "contradiction"]
+
+
 def test_print_config_is_complete_and_reusable(tmp_path):
     args = ["fit", "--config", str(ROOT / "configs/data/digits.yaml"),
             "--config", str(ROOT / "configs/model/vit_tiny_digits.yaml")]

@@ -66,6 +66,13 @@ class Backbone(nn.Module, ABC):
     #: the Fisher and Gram engines treat them as linear layers in that layout
     transposed_linear: tuple[type, ...] = ()
 
+    #: the task head is new (not trained yet), so the data may size it (:meth:`resize_head`)
+    head_is_fresh: bool = False
+
+    def resize_head(self, num_labels: int) -> None:
+        """Start a fresh head of ``num_labels`` outputs (the body unchanged); only when ``head_is_fresh``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resize its head")
+
     def added_parameters(self) -> list:
         """Parameters added to a module's output (:class:`~lightning_merge.backbones.mask_sites.AddedParameter`)
         that the per-example Fisher engine cannot find from layer types alone; default: none."""

@@ -32,6 +32,10 @@ class HFGPT2Classifier(HFTextClassifier):
         self.tokenizer.padding_side = "right"  # the last real token is found as the last non-pad one
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
+    def resize_head(self, num_labels: int) -> None:
+        super().resize_head(num_labels)
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
     def mask_sites(self) -> list[MaskSite]:
         """Heads on the input of ``attn.c_proj`` (the merged heads), MLP units on the input of
         ``mlp.c_proj`` (after the activation); query/key/value are column blocks of the fused ``c_attn``."""

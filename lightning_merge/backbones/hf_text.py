@@ -86,25 +86,43 @@ class HFTextClassifier(HFBackbone):
                  reinit_head: bool = False) -> None:
         super().__init__()
         self.name_or_path = name_or_path
+        self._load(num_labels, reinit_head)
+        self._attach_tokenizer_and_head(tokenizer)
+        self._report_new_weights(self._loading)
+        id2label = self.model.config.id2label or {}
+        if id2label and not all(str(v) == f"LABEL_{k}" for k, v in id2label.items()):
+            self.label_names = [str(id2label[i]) for i in sorted(id2label)]
+
+    def _load(self, num_labels: int | None, reinit_head: bool) -> None:
         kwargs = {} if num_labels is None else {"num_labels": num_labels}
         try:
             self.model, loading = from_pretrained(
-                AutoModelForSequenceClassification, name_or_path, ignore_mismatched_sizes=reinit_head,
+                AutoModelForSequenceClassification, self.name_or_path, ignore_mismatched_sizes=reinit_head,
                 output_loading_info=True, **kwargs
             )
         except RuntimeError as err:
             if "mismatch" not in str(err):
                 raise
             raise ValueError(
-                f"{name_or_path}: the checkpoint's classification head has a different size than "
+                f"{self.name_or_path}: the checkpoint's classification head has a different size than "
                 f"num_labels={num_labels}; use a checkpoint fine-tuned for this task, or set "
                 f"reinit_head: true to train a new head"
             ) from err
-        self._attach_tokenizer_and_head(tokenizer)
-        self._report_new_weights(loading)
-        id2label = self.model.config.id2label or {}
-        if id2label and not all(str(v) == f"LABEL_{k}" for k, v in id2label.items()):
-            self.label_names = [str(id2label[i]) for i in sorted(id2label)]
+        self._loading = loading
+        new = set(loading.get("missing_keys", ())) | {k[0] if isinstance(k, tuple) else k
+                                                     for k in loading.get("mismatched_keys", ())}
+        # fresh: asked for (reinit_head), or the checkpoint had no head at all (a pre-trained encoder)
+        body = self.model.base_model_prefix + "."
+        self.head_is_fresh = reinit_head or any(not n.startswith(body) for n in new)
+
+    def resize_head(self, num_labels: int) -> None:
+        """Reload the checkpoint with a fresh head of ``num_labels`` outputs: a fine-tune stage sizes a new
+        head from its data (``num_labels`` left out of the config)."""
+        if not self.head_is_fresh:
+            raise ValueError(f"{self.name_or_path}: its trained head has {self.num_labels} outputs, the data "
+                             f"{num_labels}; set reinit_head: true to train a new head")
+        self._load(num_labels, True)
+        self._report_new_weights(self._loading)
 
     def _report_new_weights(self, loading: dict) -> None:
         """One line for a new task head (expected when starting from a pre-trained encoder); a warning

@@ -40,15 +40,19 @@ class FineTuneModule(pl.LightningModule):
             raise ValueError(f"l2_to_pretrained must be >= 0, got {l2_to_pretrained}")
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
-        self._body = [p for _, p in backbone.body_named_parameters()]
-        if freeze_body:  # a linear probe: only the task head learns (e.g. the zero-shot end of WiSE-FT)
-            for p in self._body:
-                p.requires_grad_(False)
-        self._reference = [p.detach().clone() for p in self._body] if l2_to_pretrained > 0 else []
+        self._bind_body()
         self.eval_metrics = nn.ModuleList()
         self.predicted = nn.ModuleList()
         self.single_class: dict[str, tuple[int, int]] = {}
         self.eval_set_names: list[str] = []
+
+    def _bind_body(self) -> None:
+        """The body parameters (and, for the L2 term, their pre-trained copies) of the current backbone."""
+        self._body = [p for _, p in self.backbone.body_named_parameters()]
+        if self.hparams.freeze_body:  # a linear probe: only the task head learns (e.g. the zero-shot end of WiSE-FT)
+            for p in self._body:
+                p.requires_grad_(False)
+        self._reference = [p.detach().clone() for p in self._body] if self.hparams.l2_to_pretrained > 0 else []
 
     # -- set-up ----------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -57,14 +61,19 @@ class FineTuneModule(pl.LightningModule):
             return
         if isinstance(datamodule, ModelAware):  # its tokenizer / input size come from this model
             datamodule.attach_model(self.backbone)
+        labels = datamodule.num_labels
+        if labels is not None and labels != self.backbone.num_labels and self.backbone.head_is_fresh:
+            self.backbone.resize_head(labels)  # a new head takes the data's size: no num_labels in configs
+            self._bind_body()
+        preprocessing = getattr(datamodule, "preprocessing", None)
+        # before the size check: a zero-shot head (CLIP) is built from the data's class names here
+        self.backbone.describe_task(getattr(datamodule, "label_names", None),
+                                    preprocessing() if callable(preprocessing) else None)
         if datamodule.num_labels != self.backbone.num_labels:
             raise ValueError(
                 f"The model's head has {self.backbone.num_labels} outputs but the data has "
                 f"{datamodule.num_labels} labels; set the backbone's num_labels (and reinit_head) to match"
             )
-        preprocessing = getattr(datamodule, "preprocessing", None)
-        self.backbone.describe_task(getattr(datamodule, "label_names", None),
-                                    preprocessing() if callable(preprocessing) else None)
         if stage == "fit" and self.trainer.is_global_zero:
             check_writable(self._export_directory().parent, "fine-tuned model")
         self.eval_set_names = list(datamodule.eval_set_names)

@@ -27,7 +27,6 @@ DATA=(--data.init_args.task "$TASK" --data.init_args.data_dir "$DATA_DIR")
 if ! done_already "$OUT_DIR/classifier/export/lightning_merge.json" "fine-tune $BASE_MODEL on $TASK"; then
   lightning-merge fit --config configs/trainer/default.yaml --config "$HERE/finetune.yaml" "${DATA[@]}" \
     --model.init_args.backbone.init_args.name_or_path "$BASE_MODEL" \
-    --model.init_args.backbone.init_args.num_labels "$(num_labels "$TASK")" \
     --trainer.default_root_dir "$OUT_DIR/classifier" --model.init_args.export_dir "$OUT_DIR/classifier/export" \
     ${EXTRA_ARGS:-}
 fi

@@ -24,8 +24,6 @@ FISHER_VARIANT=${FISHER_VARIANT:-auto}
 OUT_DIR=${OUT_DIR:-outputs/ensembling}
 FORCE=${FORCE:-0}
 
-NUM_LABELS=$(num_labels "$TASK")
-
 paths=()
 if [[ -n "$MODELS" ]]; then
   read -r -a paths <<< "$MODELS"
@@ -37,7 +35,7 @@ else
       --config recipes/glue_intermediate_minilm/finetune.yaml --seed_everything "$seed" \
       --data.init_args.task "$TASK" --data.init_args.data_dir "$DATA_DIR" \
       --data.init_args.max_train_examples "$MAX_TRAIN_EXAMPLES" --data.init_args.seed "$seed" \
-      --model.init_args.backbone.init_args.num_labels "$NUM_LABELS" --trainer.max_epochs "$EPOCHS" \
+      --trainer.max_epochs "$EPOCHS" \
       --trainer.default_root_dir "$OUT_DIR/seed$seed" --model.init_args.export_dir "$OUT_DIR/seed$seed/export" \
       ${EXTRA_ARGS:-}
   done

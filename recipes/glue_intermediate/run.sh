@@ -28,7 +28,6 @@ finetune() {  # finetune ROLE TASK
   lightning-merge fit --config configs/trainer/default.yaml --config configs/model/bert_base.yaml \
     --config configs/data/glue.yaml --config "$HERE/finetune.yaml" \
     --data.init_args.task "$2" --data.init_args.data_dir "$DATA_DIR" \
-    --model.init_args.backbone.init_args.num_labels "$(num_labels "$2")" \
     --model.init_args.backbone.init_args.reinit_head true \
     --trainer.default_root_dir "$OUT_DIR/$1" --model.init_args.export_dir "$OUT_DIR/$1/export" ${EXTRA_ARGS:-}
 }

@@ -41,7 +41,6 @@ finetune() {  # finetune ROLE TASK EPOCHS
     --config "$HERE/finetune.yaml" \
     --data.init_args.task "$2" --data.init_args.data_dir "$DATA_DIR" \
     --data.init_args.max_train_examples "$MAX_TRAIN_EXAMPLES" \
-    --model.init_args.backbone.init_args.num_labels "$(num_labels "$2")" \
     --trainer.max_epochs "$3" --trainer.default_root_dir "$OUT_DIR/$1" \
     --model.init_args.export_dir "$OUT_DIR/$1/export" ${EXTRA_ARGS:-}
 }

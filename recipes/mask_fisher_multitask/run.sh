@@ -32,7 +32,7 @@ for task in $TASKS; do
     --config recipes/glue_intermediate_minilm/finetune.yaml \
     --data.init_args.task "$task" --data.init_args.data_dir "$DATA_DIR" \
     --data.init_args.max_train_examples "$MAX_TRAIN_EXAMPLES" \
-    --model.init_args.backbone.init_args.num_labels "$(num_labels "$task")" --trainer.max_epochs "$EPOCHS" \
+    --trainer.max_epochs "$EPOCHS" \
     --trainer.default_root_dir "$OUT_DIR/$task" --model.init_args.export_dir "$OUT_DIR/$task/export" ${EXTRA_ARGS:-}
 done
 

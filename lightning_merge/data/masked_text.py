@@ -40,7 +40,7 @@ class MaskedTextDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.tokenizer = None
         self.raw: datasets.Dataset | None = None
-        self.dataset: datasets.Dataset | None = None
+        self._dataset: datasets.Dataset | None = None
 
     @property
     def num_labels(self) -> None:
@@ -88,14 +88,15 @@ class MaskedTextDataModule(pl.LightningDataModule):
             rank_zero_warn(f"Asked for {hp.max_predict_examples} examples but {hp.source} has {len(raw)}: using all")
         self.raw = subsample(raw, hp.max_predict_examples, hp.seed)
 
-    def _encoded(self) -> datasets.Dataset:
+    @property
+    def dataset(self) -> datasets.Dataset:
         """Tokenized and masked at first use: the model (and so its tokenizer) is attached after setup."""
-        if self.dataset is None:
+        if self._dataset is None:
             hp, raw, tokenizer = self.hparams, self.raw, self._resolve_tokenizer()
             encoded = raw.map(lambda b: tokenizer(b[hp.text_column], truncation=True, max_length=hp.max_length),
                               batched=True, remove_columns=raw.column_names)
-            self.dataset = encoded.map(self._mask, with_indices=True)
-        return self.dataset
+            self._dataset = encoded.map(self._mask, with_indices=True)
+        return self._dataset
 
     def _mask(self, example: dict[str, Any], index: int) -> dict[str, Any]:
         ids = list(example["input_ids"])
@@ -123,5 +124,5 @@ class MaskedTextDataModule(pl.LightningDataModule):
         return batch
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self._encoded(), batch_size=self.hparams.batch_size, collate_fn=self.collate,
+        return DataLoader(self.dataset, batch_size=self.hparams.batch_size, collate_fn=self.collate,
                           num_workers=self.hparams.num_workers)

@@ -59,9 +59,10 @@ def format_table(rows: list[dict]) -> str:
 def write_results(output_dir: str | os.PathLike, rows: list[dict], search: list[dict], target: int = 0,
                   plot: bool = True, one_task: bool = False) -> str:
     """``results.csv`` (reported rows), ``search.csv`` (every candidate's selection score) and, when they
-    apply, ``score_vs_lambda.png``, ``iid_vs_ood.png``, and ``models_and_merges.png`` (``one_task``: every
-    evaluated model is of one task, as in ensembling) or ``tasks.png``. Returns the table text. ``results.json`` is
-    the stage's completion marker: :func:`write_completion_marker` writes it after everything else."""
+    apply, ``score_vs_lambda.png``, ``iid_vs_ood.png``, ``models_and_merges.png`` (``one_task``: every
+    evaluated model is of one task, as in ensembling) and ``tasks.png`` (3+ evaluated models). Returns
+    the table text. ``results.json`` is the stage's completion marker: :func:`write_completion_marker`
+    writes it after everything else."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "results.csv", _csv(rows))
@@ -76,7 +77,7 @@ def write_results(output_dir: str | os.PathLike, rows: list[dict], search: list[
             plotting.iid_vs_ood(rows, target, out / "iid_vs_ood.png")
         if one_task and len(plotting.task_columns(rows)) >= 2:
             plotting.models_and_merges(rows, out / "models_and_merges.png")
-        elif len(plotting.task_columns(rows)) >= 3:
+        if len(plotting.task_columns(rows)) >= 3:
             plotting.task_scores(rows, out / "tasks.png")
     return format_table(rows)
 

@@ -97,17 +97,17 @@ class MergeModule(pl.LightningModule):
         baselines = [UNMERGED, ENSEMBLE] if baselines is None else list(baselines)
         if not any(spec.data is not None for spec in models):
             raise ValueError("no model has `data`: give the evaluation data of at least one model's task")
-        for i, spec in enumerate(models):
-            if spec.data is not None and not isinstance(spec.data, EvaluationData):
-                raise TypeError(f"model {i} ({spec.path}): {type(spec.data).__name__} is not evaluation data: it "
-                                "needs attach_model, setup, task_metrics, eval_size and eval_loader "
-                                "(lightning_merge.data.protocol.EvaluationData)")
         self.specs, self.target, self.base = list(models), target, base
         self.methods = list(methods) if methods is not None else self._default_methods()
         names = [m.name for m in self.methods]
         if len(set(names)) != len(names):
             raise ValueError(f"merge methods need distinct names, got {names}")
         self._check_declared_inputs()
+        for i, spec in enumerate(self.specs):
+            if spec.data is not None and not isinstance(spec.data, EvaluationData):
+                raise ValueError(f"model {i} ({spec.path}): {type(spec.data).__name__} is not evaluation data: it "
+                                "needs attach_model, setup, task_metrics, eval_size and eval_loader "
+                                "(lightning_merge.data.protocol.EvaluationData)")
         self.search = search or FixedCoefficients()
         self.scale_search = scale_search or ScaleSearch()
         for method in self.methods:  # a wrong count is found now, before any model is loaded

@@ -25,7 +25,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from lightning_merge.backbones import HFTextClassifier
+from lightning_merge.backbones import HFTextClassifier, resolve_model_location
 from lightning_merge.data import GlueDataModule
 from lightning_merge.data.buckets import LengthGroupedSampler, padding_share
 from lightning_merge.modules import FineTuneModule
@@ -66,8 +66,8 @@ def throughput(data_dir: str, bucket_window: int, steps: int, batch_size: int) -
 
 
 def padding_shares(data_dir: str, batch_size: int) -> tuple[float, float]:
-    data = GlueDataModule("RTE", data_dir=data_dir, batch_size=batch_size, max_length=128)
-    data.attach_model(HFTextClassifier(MODEL, num_labels=2, reinit_head=True))
+    data = GlueDataModule("RTE", data_dir=data_dir, batch_size=batch_size, max_length=128,
+                          tokenizer=resolve_model_location(MODEL))
     data.setup("fit")
     lengths = [len(ids) for ids in data.splits["train"]["input_ids"]]
     grouped = list(LengthGroupedSampler(lengths, batch_size, window=64, seed=0))

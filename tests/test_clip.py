@@ -12,11 +12,10 @@ from transformers import AutoTokenizer, CLIPModel
 
 from lightning_merge.backbones import HFCLIPClassifier, load_backbone
 from lightning_merge.cli import main
-from lightning_merge.fisher import PerExampleSquaredGradients, logit_directions
+from lightning_merge.fisher import logit_directions
 from lightning_merge.fisher.masks import MaskFisherEngine
 from tests.fixtures import write_tiny_clip
-from tests.reference_fisher import reference_fisher_sums
-from tests.test_fisher_engine import assert_matches, slice_batch
+from tests.test_fisher_engine import assert_matches, engine_and_loop
 from tests.test_mask_fisher import reference_mask_fisher
 
 CLASSES = ["zero", "one", "two"]
@@ -59,21 +58,11 @@ def test_zero_shot_head_is_clips_normalized_mean_text_embedding(clip_dir):
 @pytest.mark.parametrize("variant", ["exact", "sampled"])
 def test_full_fisher_matches_the_batch1_loop_in_fp32(clip_dir, variant):
     backbone = HFCLIPClassifier(str(clip_dir), class_names=CLASSES).eval()
-    batch = image_batch()
-    engine = PerExampleSquaredGradients(backbone.model, added_parameters=backbone.added_parameters(),
-                                        transposed_linear=backbone.transposed_linear)
-    with engine.capture(4):
-        logits = backbone(batch)
-        directions = logit_directions(logits, variant, batch["labels"], 1, torch.Generator().manual_seed(2))
-        engine.accumulate(logits, directions)
-    engine.detach()
-    labels = batch["labels"] if variant == "exact" else directions[0].argmax(-1)
-    slow = reference_fisher_sums(backbone.model, lambda i: backbone(slice_batch(batch, i)), 4,
-                                 "exact" if variant == "exact" else "empirical", labels)
+    fast, slow = engine_and_loop(backbone, image_batch(), variant)
     assert {"vision.vision_model.embeddings.class_embedding", "vision.visual_projection.weight",
-            "vision.vision_model.embeddings.patch_embedding.weight"} <= set(engine.sums)
-    assert not any(n.startswith("head.") for n in engine.sums)  # the frozen zero-shot head has none
-    assert_matches(engine.sums, slow, rtol=1e-5)
+            "vision.vision_model.embeddings.patch_embedding.weight"} <= set(fast)
+    assert not any(n.startswith("head.") for n in fast)  # the frozen zero-shot head has none
+    assert_matches(fast, slow, rtol=1e-5)
 
 
 def test_mask_fisher_matches_explicit_masks(clip_dir):
@@ -177,3 +166,33 @@ def test_offline_clip_recipe_runs_end_to_end(tmp_path):
     assert all(0 <= float(r["rotate/heldout_score"]) <= 1 for r in rows.values())
     exported = load_backbone(tmp_path / "merge" / "best_model" / "rotate")
     assert isinstance(exported, HFCLIPClassifier) and exported.kind == "linear"
+
+
+def test_a_tower_without_head_gets_its_classes_from_the_data_in_every_stage(clip_dir, tmp_path):
+    """A plain CLIP checkpoint (no export, no class names given): the Fisher stage builds the zero-shot
+    head from the data's class names before `auto` chooses by its size, and the merge stage before it
+    compares head and label counts."""
+    from lightning_merge.fisher import read_fisher_metadata
+
+    output = tmp_path / "f.safetensors"
+    main(["predict", "--trainer.inference_mode=false", "--trainer.logger=false",
+          "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+          "--model=lightning_merge.modules.FisherEstimationModule",
+          "--model.backbone=lightning_merge.backbones.HFCLIPClassifier", f"--model.backbone.name_or_path={clip_dir}",
+          "--model.max_exact_classes=4", f"--model.output={output}", "--data=lightning_merge.data.ImageDataModule",
+          "--data.max_predict_examples=6"])
+    meta = read_fisher_metadata(output)
+    assert meta["num_labels"] == 10 and meta["variant"] == "sampled"
+    assert meta["variant_reason"].startswith("auto: 10 labels > max_exact_classes 4")
+    digits = {"class_path": "lightning_merge.data.ImageDataModule", "init_args": {"max_eval_examples": 20}}
+    results = tmp_path / "out"
+    config = {"trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                          "default_root_dir": str(tmp_path)},
+              "model": {"class_path": "lightning_merge.modules.MergeModule", "init_args": {
+                  "models": [{"path": str(clip_dir), "task": "digits", "name": n, "data": digits} for n in ("a", "b")],
+                  "methods": [{"class_path": "lightning_merge.merging.IsotropicMerge"}],
+                  "output_dir": str(results)}}}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    main(["validate", "--config", str(tmp_path / "merge.yaml")])
+    rows = {r["method"]: r for r in json.loads((results / "results.json").read_text())["results"]}
+    assert rows["isotropic"]["full_score"] == pytest.approx(rows["unmerged"]["full_score"])  # the same tower twice

@@ -11,8 +11,9 @@ from tests.fixtures import SENTENCES, TINY_VIT, write_tiny_bert
 from tests.reference_fisher import reference_fisher_sums
 
 
-def fast_sums(backbone, batch, variant, labels=None, num_samples=1):
-    engine = PerExampleSquaredGradients(backbone.model, added_parameters=backbone.added_parameters())
+def fast_sums(backbone, batch, variant, labels=None, num_samples=1, with_directions=False):
+    engine = PerExampleSquaredGradients(backbone.model, added_parameters=backbone.added_parameters(),
+                                        transposed_linear=backbone.transposed_linear)
     try:
         with engine.capture(len(batch["labels"])):
             logits = backbone(batch)
@@ -21,7 +22,17 @@ def fast_sums(backbone, batch, variant, labels=None, num_samples=1):
             engine.accumulate(logits, directions)
     finally:
         engine.detach()
-    return engine.sums
+    return (engine.sums, directions) if with_directions else engine.sums
+
+
+def engine_and_loop(backbone, batch, variant):
+    """The engine's sums over ``batch`` and the batch-1 reference's, for ``exact`` or one ``sampled``
+    label per example (a sampled label's direction is e_y − p: the empirical Fisher at the label drawn)."""
+    fast, directions = fast_sums(backbone, batch, variant, batch["labels"], with_directions=True)
+    labels = batch["labels"] if variant == "exact" else directions[0].argmax(-1)
+    slow = reference_fisher_sums(backbone.model, lambda i: backbone(slice_batch(batch, i)), len(batch["labels"]),
+                                 "exact" if variant == "exact" else "empirical", labels)
+    return fast, slow
 
 
 def assert_matches(fast, slow, rtol=1e-5):

@@ -143,3 +143,16 @@ def test_domain_adaptation_tasks_read_released_jsonl(tmp_path, tiny_bert):
     assert float(metrics.compute()["macro_f1"]) == pytest.approx(expected)
     with pytest.raises(ValueError, match="local files only"):
         GlueDataModule("chemprot", tokenizer=str(tiny_bert)).setup("validate")
+
+
+def test_tokenized_splits_are_cached_on_disk_and_reused(glue_dir, tiny_bert):
+    """A later stage (a new data module, the same file, tokenizer and max length) reads the tokenized
+    split from the cache file the first one wrote instead of tokenizing again."""
+    def tokenized(**kwargs):
+        dm = GlueDataModule("rte", data_dir=str(glue_dir), tokenizer=str(tiny_bert), **kwargs)
+        dm.setup("fit")
+        return {f["filename"] for f in dm.splits["train"].cache_files}
+
+    first = tokenized()
+    assert first and tokenized() == first
+    assert tokenized(max_length=16) != first  # another max length: another cache entry

@@ -13,13 +13,12 @@ from transformers.pytorch_utils import Conv1D
 
 from lightning_merge.backbones import HFGPT2Classifier, load_backbone, read_manifest
 from lightning_merge.cli import main
-from lightning_merge.fisher import PerExampleSquaredGradients, logit_directions
+from lightning_merge.fisher import logit_directions
 from lightning_merge.fisher.masks import MaskFisherEngine, expand_mask_fisher
 from lightning_merge.merging import FlatMerger, RegMeanMerge
 from lightning_merge.statistics import GramInput
 from tests.fixtures import SENTENCES, write_tiny_gpt2
-from tests.reference_fisher import reference_fisher_sums
-from tests.test_fisher_engine import assert_matches, slice_batch
+from tests.test_fisher_engine import assert_matches, engine_and_loop
 from tests.test_mask_fisher import reference_mask_fisher
 
 GLUE = "lightning_merge.data.GlueDataModule"
@@ -55,19 +54,9 @@ def test_last_real_token_pooling_ignores_padding(gpt2_dir):
 @pytest.mark.parametrize("variant", ["exact", "sampled"])
 def test_full_fisher_matches_the_batch1_loop_in_fp32(gpt2_dir, variant):
     backbone = HFGPT2Classifier(str(gpt2_dir)).eval()
-    batch = gpt2_batch(backbone)
-    engine = PerExampleSquaredGradients(backbone.model, transposed_linear=backbone.transposed_linear)
-    with engine.capture(5):
-        logits = backbone(batch)
-        directions = logit_directions(logits, variant, batch["labels"], 1, torch.Generator().manual_seed(2))
-        engine.accumulate(logits, directions)
-    engine.detach()
-    # a sampled label's direction is e_y − p: the empirical Fisher at the label drawn
-    labels = batch["labels"] if variant == "exact" else directions[0].argmax(-1)
-    slow = reference_fisher_sums(backbone.model, lambda i: backbone(slice_batch(batch, i)), 5,
-                                 "exact" if variant == "exact" else "empirical", labels)
-    assert engine.sums["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # in × out, as stored
-    assert_matches(engine.sums, slow, rtol=1e-5)
+    fast, slow = engine_and_loop(backbone, gpt2_batch(backbone), variant)
+    assert fast["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # in × out, as stored
+    assert_matches(fast, slow, rtol=1e-5)
 
 
 def test_mask_fisher_matches_explicit_masks_and_expands_to_columns(gpt2_dir):

@@ -95,7 +95,7 @@ class HFCLIPClassifier(Backbone):
         if name_or_path is None and config is None:
             raise ValueError("HFCLIPClassifier needs name_or_path (a CLIP checkpoint) or config (a random tower)")
         self.name_or_path, self.clip, self.kind = name_or_path, clip or name_or_path, head
-        self.templates, self.config_dict = list(templates), config
+        self.templates = list(templates)
         vision = self._load_vision(name_or_path, config)
         exported = Path(name_or_path) / HEAD_FILE if name_or_path is not None else None
         exported = exported if exported is not None and exported.is_file() else None  # an export's own head

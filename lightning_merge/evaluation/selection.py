@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import fmean
 
 UNMERGED, ENSEMBLE = "unmerged", "ensemble"
 SELECT, HELDOUT, FULL = "select", "heldout", "full"
@@ -95,8 +96,7 @@ def result_row(candidates: Sequence[Candidate], c: int, rest: int | None, evalua
             row.update({f"{model_names[i]}/{part}_{k}": v for k, v in part_values.items()})
         for s, set_name in enumerate(set_names[i][1:], start=1):
             row.update({f"{model_names[i]}/{set_name}/{k}": v for k, v in metrics(i, s, [(rest, FULL)]).items()})
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    row.update(selection_score=mean(selection), heldout_score=mean(heldout), full_score=mean(full))
+    row.update(selection_score=fmean(selection), heldout_score=fmean(heldout), full_score=fmean(full))
     return row
 
 
@@ -106,10 +106,9 @@ def result_tables(candidates: Sequence[Candidate], methods: Sequence[str], basel
                   prefer: Callable[[Candidate], float] | None = None) -> tuple[list[dict], list[dict]]:
     """``(search, rows)``: every searched candidate's selection score, and the reported rows (baselines,
     then each method's selected candidate — or every candidate with ``report: all``)."""
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     search = [{"method": candidates[c].method, "coefficients": candidates[c].coefficients,
                "selection_score": selection_score(c),
-               "heldout_score": mean(  # NaN unless scored there (heldout_curves, report: all)
+               "heldout_score": fmean(  # NaN unless scored there (heldout_curves, report: all)
                    [metrics(i, 0, [(c, HELDOUT)])["score"] for i in evaluated])}
               for m in methods for c in searched(candidates, m)]
     row = lambda c, rest=None: result_row(candidates, c, rest, evaluated, model_names, set_names, metrics)  # noqa: E731
@@ -117,8 +116,8 @@ def result_tables(candidates: Sequence[Candidate], methods: Sequence[str], basel
     for r in rows:
         if r["method"] == UNMERGED and len(evaluated) > 1:  # the models alone: their spread beside their mean
             scores = [r[f"{model_names[i]}/heldout_score"] for i in evaluated]
-            mean = sum(scores) / len(scores)
-            r["heldout_std"] = math.sqrt(sum((x - mean) ** 2 for x in scores) / (len(scores) - 1))
+            center = fmean(scores)  # NaN without a held-out part (statistics.stdev fails on NaN)
+            r["heldout_std"] = math.sqrt(sum((x - center) ** 2 for x in scores) / (len(scores) - 1))
     for method in methods:
         if report == ALL:
             rows += [row(c) for c in searched(candidates, method)]

@@ -39,11 +39,10 @@ def sampled_directions(logits: torch.Tensor, num_samples: int, generator: torch.
                        ) -> torch.Tensor:
     """``(k, *batch, C)``: ``(e_y − p)/√k`` for ``k`` labels ``y ~ p(y|x)`` per output (per example,
     or per masked position of a masked LM, whose log-likelihood is the sum over its positions)."""
-    p = torch.softmax(logits.detach().float(), dim=-1)
-    flat = p.reshape(-1, p.shape[-1])
-    labels = torch.multinomial(flat.cpu(), num_samples, replacement=True, generator=generator).to(p.device)
     # e_y − p in float64: where p_y ≈ 1 (CLIP's temperature of 100) 1 − p_y in float32 keeps few digits
     p = torch.softmax(logits.detach().double(), dim=-1)
+    flat = p.reshape(-1, p.shape[-1]).float()
+    labels = torch.multinomial(flat.cpu(), num_samples, replacement=True, generator=generator).to(p.device)
     onehot = torch.nn.functional.one_hot(labels.T, p.shape[-1]).to(p.dtype)  # (k, outputs, C)
     return ((onehot.reshape(num_samples, *p.shape) - p) / num_samples**0.5).to(logits.dtype)
 

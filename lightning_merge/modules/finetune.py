@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassStatScores
 
 from lightning_merge.atomic import check_writable
 from lightning_merge.backbones import Backbone
-from lightning_merge.data.protocol import ModelAware
+from lightning_merge.modules.stage_data import connect_data
 from lightning_merge.regularization import l2_to_reference
 
 
@@ -59,16 +59,11 @@ class FineTuneModule(pl.LightningModule):
         datamodule = self.trainer.datamodule
         if datamodule is None:
             return
-        if isinstance(datamodule, ModelAware):  # its tokenizer / input size come from this model
-            datamodule.attach_model(self.backbone)
         labels = datamodule.num_labels
         if labels is not None and labels != self.backbone.num_labels and self.backbone.head_is_fresh:
             self.backbone.resize_head(labels)  # a new head takes the data's size: no num_labels in configs
             self._bind_body()
-        preprocessing = getattr(datamodule, "preprocessing", None)
-        # before the size check: a zero-shot head (CLIP) is built from the data's class names here
-        self.backbone.describe_task(getattr(datamodule, "label_names", None),
-                                    preprocessing() if callable(preprocessing) else None)
+        connect_data(self.backbone, datamodule)
         if datamodule.num_labels != self.backbone.num_labels:
             raise ValueError(
                 f"The model's head has {self.backbone.num_labels} outputs but the data has "

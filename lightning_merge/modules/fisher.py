@@ -13,12 +13,12 @@ from lightning.pytorch.utilities import rank_zero_info
 import lightning_merge
 from lightning_merge.atomic import check_writable
 from lightning_merge.backbones import Backbone
-from lightning_merge.data.protocol import ModelAware
 from lightning_merge.fisher.directions import VARIANTS, logit_directions
 from lightning_merge.fisher.io import save_fisher
 from lightning_merge.fisher.masks import MaskFisherEngine
 from lightning_merge.fisher.per_example import PerExampleSquaredGradients
 from lightning_merge.fisher.provenance import FINGERPRINT_KEY, fingerprint_tensors
+from lightning_merge.modules.stage_data import connect_data
 
 Variant = Literal["auto", "exact", "sampled", "empirical"]
 Kind = Literal["full", "mask"]
@@ -64,30 +64,33 @@ class FisherEstimationModule(pl.LightningModule):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
-        self.variant_reason = "asked for"
-        if variant == AUTO:
-            labels = backbone.num_labels
-            if backbone.several_outputs:
-                variant, self.variant_reason = "sampled", "auto: several outputs per example (masked positions)"
-            elif labels <= max_exact_classes:
-                variant = "exact"
-                self.variant_reason = f"auto: {labels} labels <= max_exact_classes {max_exact_classes}"
-            else:
-                variant = "sampled"
-                self.variant_reason = (f"auto: {labels} labels > max_exact_classes {max_exact_classes} (the exact "
-                                       f"expectation would take {labels} backward passes per batch, sampled "
-                                       f"takes {num_samples})")
-        if variant == "exact" and backbone.several_outputs:
-            raise ValueError(f"{type(backbone).__name__} has several outputs per example (masked positions): "
-                             "the exact Fisher is not offered there; use variant sampled (or auto)")
-        self.variant = variant
+        self._choose_variant()
         self.engine: PerExampleSquaredGradients | MaskFisherEngine | None = None
         self.num_examples = 0
 
+    def _choose_variant(self) -> None:
+        """``variant`` and why (``variant_reason``): ``auto`` decides by the head size, known for sure only
+        once the data has described the task (a CLIP zero-shot head is built from its class names), so
+        this runs again in :meth:`setup`."""
+        backbone, variant, limit = self.backbone, self.hparams.variant, self.hparams.max_exact_classes
+        reason, labels = "asked for", backbone.num_labels
+        if variant == AUTO and backbone.several_outputs:
+            variant, reason = "sampled", "auto: several outputs per example (masked positions)"
+        elif variant == AUTO and labels <= limit:
+            variant, reason = "exact", f"auto: {labels} labels <= max_exact_classes {limit}"
+        elif variant == AUTO:
+            variant = "sampled"
+            reason = (f"auto: {labels} labels > max_exact_classes {limit} (the exact expectation would take "
+                      f"{labels} backward passes per batch, sampled takes {self.hparams.num_samples})")
+        if variant == "exact" and backbone.several_outputs:
+            raise ValueError(f"{type(backbone).__name__} has several outputs per example (masked positions): "
+                             "the exact Fisher is not offered there; use variant sampled (or auto)")
+        self.variant, self.variant_reason = variant, reason
+
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
-        if isinstance(datamodule, ModelAware):
-            datamodule.attach_model(self.backbone)
+        connect_data(self.backbone, datamodule)
+        self._choose_variant()
         if self.variant == "exact" and self.backbone.num_labels > MAX_EXACT_LABELS:
             raise ValueError(f"the exact Fisher needs {self.backbone.num_labels - 1} backward passes per batch "
                              f"({self.backbone.num_labels} labels): use variant sampled (or auto)")

@@ -13,8 +13,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_merge.atomic import check_writable
 from lightning_merge.backbones import Backbone
-from lightning_merge.data.protocol import ModelAware
 from lightning_merge.modules.fisher import provenance, stop_if_terminated
+from lightning_merge.modules.stage_data import connect_data
 from lightning_merge.statistics.gram import GramAccumulator, linear_layers, weight_keys
 from lightning_merge.statistics.gram_file import save_gram
 
@@ -48,9 +48,7 @@ class GramEstimationModule(pl.LightningModule):
         self.num_examples = 0
 
     def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        if isinstance(datamodule, ModelAware):
-            datamodule.attach_model(self.backbone)
+        connect_data(self.backbone, self.trainer.datamodule)
 
     def on_predict_start(self) -> None:
         if self.trainer.is_global_zero:  # found now, not after the whole estimation

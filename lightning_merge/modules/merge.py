@@ -171,14 +171,11 @@ class MergeModule(pl.LightningModule):
                 self.backbones[j] = nn.Identity()
 
     def _setup_data(self, i: int, stage: str) -> None:
-        data, backbone = self.specs[i].data, self.backbones[i]
-        data.attach_model(backbone)
+        data, backbone = self.specs[i].data, self.backbones[i]  # connected by the pool (connect_data)
         data.setup(stage)
         if data.num_labels != backbone.num_labels:
             raise ValueError(f"Model {i} ({self.specs[i].path}) has {backbone.num_labels} outputs but its data "
                              f"({self.names[i]}) has {data.num_labels} labels")
-        preprocessing = getattr(data, "preprocessing", None)
-        backbone.describe_task(getattr(data, "label_names", None), preprocessing() if callable(preprocessing) else None)
 
     def _setup_merge(self, pool: ModelPool) -> None:
         """Flat buffers of every model's merged tensors, shared by all methods, and one merge plan per

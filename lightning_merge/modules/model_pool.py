@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_merge.backbones import Backbone, load_backbone
 from lightning_merge.merging.state_dicts import shared_body_names
+from lightning_merge.modules.stage_data import connect_data
 
 LEGACY_INPUTS = ("fisher", "mask_fisher")  # spec keys kept for YAML written before `inputs` existed
 
@@ -101,6 +102,8 @@ class ModelPool:
         self.names = display_names(specs)
         self.tasks = [s.task or name for s, name in zip(specs, self.names)]
         self.evaluated = [i for i, s in enumerate(specs) if s.data is not None]
+        for i in self.evaluated:  # before the states are read: a CLIP zero-shot head is built from the data here
+            connect_data(self.backbones[i], specs[i].data)
         self.shared_task = len(set(self.tasks)) == 1
         head_names = set() if self.shared_task else {n for b in self.backbones for n in b.head_parameter_names()}
         self.states = [{n: p.detach() for n, p in b.model.named_parameters()} for b in self.backbones]

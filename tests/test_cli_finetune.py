@@ -150,12 +150,16 @@ COMPOSITIONS = {
     "glue_intermediate/finetune": ("fit", ["configs/trainer/default.yaml", "configs/model/bert_base.yaml",
                                            "configs/data/glue.yaml", "recipes/glue_intermediate/finetune.yaml"]),
     "glue_intermediate/merge": ("validate", ["recipes/glue_intermediate/merge.yaml"]),
+    "glue_intermediate/donor_finetuned": ("validate", ["recipes/glue_intermediate/merge.yaml",
+                                                       "recipes/glue_intermediate/donor_finetuned.yaml"]),
     "ensembling/merge": ("validate", ["recipes/ensembling/merge.yaml"]),
     "wise_ft_vit/linear_probe": ("fit", ["configs/data/cifar10_hub.yaml", "configs/model/vit_base_hub.yaml",
                                          "recipes/wise_ft_vit/linear_probe.yaml"]),
     "wise_ft_vit/finetune": ("fit", ["configs/data/cifar10_hub.yaml", "configs/model/vit_base_hub.yaml",
                                      "recipes/wise_ft_vit/finetune.yaml"]),
     "wise_ft_vit/wise_ft": ("validate", ["recipes/wise_ft_vit/wise_ft.yaml"]),
+    "wise_ft_vit/wise_ft_offline": ("validate", ["recipes/wise_ft_vit/wise_ft.yaml",
+                                                 "recipes/wise_ft_vit/wise_ft_offline.yaml"]),
     "mask_fisher_multitask/merge": ("validate", ["recipes/mask_fisher_multitask/merge.yaml"]),
     "domain_adaptation/finetune": ("fit", ["configs/trainer/default.yaml", "recipes/domain_adaptation/finetune.yaml"]),
     "domain_adaptation/mlm_fisher": ("predict", ["recipes/domain_adaptation/mlm_fisher.yaml"]),
@@ -190,10 +194,11 @@ def test_every_yaml_composes_through_the_cli(name, capsys):
         assert printed["method"]["class_path"].startswith("lightning_merge.merging.")
         return
     assert printed["model"]["class_path"].startswith("lightning_merge.modules.")
-    if printed["model"]["class_path"].endswith("MergeModule"):  # per-model data, no top-level data
-        specs = printed["model"]["init_args"]["models"]
-        assert printed.get("data") is None and len(specs) >= 2
-        assert all(s["data"]["class_path"].startswith("lightning_merge.data.") for s in specs if s.get("data"))
+    if printed["model"]["class_path"].endswith("MergeModule"):  # data per model or the module's, no trainer data
+        merge = printed["model"]["init_args"]
+        assert printed.get("data") is None and len(merge["models"]) >= 2
+        given = [s["data"] for s in merge["models"] if s.get("data")] + ([merge["data"]] if merge.get("data") else [])
+        assert given and all(d["class_path"].startswith("lightning_merge.data.") for d in given)
     else:
         assert printed["data"]["class_path"].startswith("lightning_merge.data.")
 

@@ -120,12 +120,16 @@ def test_search_selects_on_first_examples_and_reports_the_rest(pair, glue_dir, t
     assert (tmp_path / "out" / "results.csv").read_text().startswith("method,coefficients,selection_score")
 
 
-def test_models_of_one_task_merge_heads_and_form_the_ensemble(pair, glue_dir, tmp_path):
+@pytest.mark.parametrize("data_given", ["per_model", "once_for_all"])
+def test_models_of_one_task_merge_heads_and_form_the_ensemble(pair, glue_dir, tmp_path, data_given):
     root, models = pair
     second = write_tiny_bert(tmp_path / "rte2", 2, seed=13)
-    results = run_merge(tmp_path, {
-        "models": [{**glue_spec(m, "rte", glue_dir), "task": "rte"} for m in (models["rte"], second)],
-        "select_examples": 0.5, "output_dir": str(tmp_path / "out")})
+    if data_given == "per_model":
+        given = {"models": [{**glue_spec(m, "rte", glue_dir), "task": "rte"} for m in (models["rte"], second)]}
+    else:  # MergeModule(data=..., data_for="all"): one data config, one label space
+        given = {"models": [{"path": str(m)} for m in (models["rte"], second)], "data_for": "all",
+                 "data": glue_spec("", "rte", glue_dir)["data"]}
+    results = run_merge(tmp_path, {**given, "select_examples": 0.5, "output_dir": str(tmp_path / "out")})
     rows = {r["method"]: r for r in results["results"]}
     # both models evaluated, each alone: the unmerged row is their mean, with their spread
     alone = [rows["unmerged"][f"{name}/heldout_score"] for name in results["facts"]["names"]]
@@ -140,6 +144,20 @@ def test_models_of_one_task_merge_heads_and_form_the_ensemble(pair, glue_dir, tm
     averaged = {n: (states[0][n] + states[1][n]) / 2 for n in states[0]}  # the head too: one task
     merged, _ = logits_on(models["rte"], averaged, glue_dir, range(10))
     assert rows["isotropic"]["full_score"] == pytest.approx(accuracy(merged, la))
+
+
+def test_data_given_once_goes_to_the_target_or_to_every_model_without_its_own():
+    from lightning_merge.modules.model_pool import with_shared_data
+
+    own, shared = GlueDataModule("rte"), GlueDataModule("mrpc")
+    specs = [ModelSpec("a"), ModelSpec("b", data=own), ModelSpec("c")]
+    to_target = with_shared_data(specs, shared, "target", target=2)
+    assert [s.data for s in to_target] == [None, own, shared] and to_target[2].task is None
+    to_all = with_shared_data(specs, shared, "all", target=0)
+    assert to_all[0].data is shared and to_all[1].data is own and to_all[2].data is not shared
+    assert to_all[2].data.task.name == "mrpc" and [s.task for s in to_all] == ["mrpc", None, "mrpc"]
+    with pytest.raises(ValueError, match="has data of its own"):
+        with_shared_data(specs, shared, "target", target=1)
 
 
 def test_wise_ft_reports_every_lambda_on_iid_and_ood(tmp_path):

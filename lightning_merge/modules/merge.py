@@ -42,7 +42,15 @@ from lightning_merge.merging.base import BASE, CONVEX, MergeMethod
 from lightning_merge.merging.flat import FlatLayout, FlatMerger
 from lightning_merge.merging.methods import FisherMerge, IsotropicMerge
 from lightning_merge.merging.search import CoefficientSearch, FixedCoefficients, ScaleSearch
-from lightning_merge.modules.model_pool import LEGACY_INPUTS, ModelPool, ModelSpec, input_under, rooted, under
+from lightning_merge.modules.model_pool import (
+    LEGACY_INPUTS,
+    ModelPool,
+    ModelSpec,
+    input_under,
+    rooted,
+    under,
+    with_shared_data,
+)
 
 __all__ = ["MergeModule", "ModelSpec"]
 
@@ -72,6 +80,10 @@ class MergeModule(pl.LightningModule):
         output_dir: where ``results.csv/json``, ``search.csv`` and the plots go.
         export_dir: export the best merged model there (in its native format), chosen by selection
             score among ``export_method`` (default: all methods).
+        data: the evaluation data of the models whose spec gives none (``data_for``), so a recipe's config
+            lists its models once and a run picks the task with ``--model.init_args.data.init_args.task``.
+        data_for: ``target`` (the target model only: an intermediate-task donor is not evaluated) or
+            ``all`` (every model without data of its own, e.g. the seeds of one task when ensembling).
         root_dir: relative paths are taken relative to it (models, base and statistics when they exist
             there, so hub ids still work; always ``output_dir`` and ``export_dir``), so a recipe's config
             can name its stages' outputs and a run can move them.
@@ -83,8 +95,10 @@ class MergeModule(pl.LightningModule):
                  report: Literal["best", "all"] = BEST, heldout_curves: bool = False,
                  baselines: list[Literal["unmerged", "ensemble"]] | None = None, output_dir: str = "merge_results",
                  export_dir: str | None = None, export_method: str | None = None, plot: bool = True,
+                 data: pl.LightningDataModule | None = None, data_for: Literal["target", "all"] = "target",
                  root_dir: str | None = None) -> None:
         super().__init__()
+        models = with_shared_data(models, data, data_for, target) if 0 <= target < len(models) else models
         if root_dir is not None:
             models = [rooted(spec, root_dir) for spec in models]
             output_dir, export_dir = under(root_dir, output_dir), under(root_dir, export_dir)

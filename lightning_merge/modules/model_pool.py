@@ -3,6 +3,8 @@ that label them, which tensors are merged, and what each method reads for every 
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -76,18 +78,33 @@ def rooted(spec: ModelSpec, root: str) -> ModelSpec:
                    inputs={k: input_under(root, v) for k, v in (spec.inputs or {}).items()})
 
 
+def with_shared_data(specs: list[ModelSpec], data, data_for: str, target: int) -> list[ModelSpec]:
+    """``data`` given once for the models that have none of their own: the ``target`` only, or ``all``
+    (each gets a copy, made before any set-up, so no two models share a tokenizer or a split). Models
+    that share data share a label space: their ``task`` defaults to the data's name."""
+    if data is None:
+        return list(specs)
+    chosen = [i for i, spec in enumerate(specs) if spec.data is None and (data_for == "all" or i == target)]
+    if not chosen:
+        raise ValueError(f"`data` is given but every model it would apply to ({data_for}) has data of its own")
+    task = data_name(data) if len(chosen) > 1 else None
+    return [replace(spec, data=data if i == chosen[0] else copy.deepcopy(data), task=spec.task or task)
+            if i in chosen else spec for i, spec in enumerate(specs)]
+
+
+def data_name(data) -> str | None:
+    """The data's task (GLUE) or source and shift (images)."""
+    task = getattr(data, "task", None)
+    hp = getattr(data, "hparams", {})
+    return getattr(task, "name", None) or "_".join(str(x) for x in (hp.get("source"), hp.get("train_shift")) if x) \
+        or None
+
+
 def display_names(specs: list[ModelSpec]) -> list[str]:
-    """Result-column names: the spec's name, else its data's task (GLUE) or source and shift (images),
-    else the folder name; made unique by index."""
-    names = []
-    for spec in specs:
-        name = spec.name
-        if name is None and spec.data is not None:
-            task = getattr(spec.data, "task", None)
-            hp = getattr(spec.data, "hparams", {})
-            name = getattr(task, "name", None) or "_".join(
-                str(x) for x in (hp.get("source"), hp.get("train_shift")) if x)
-        names.append(name or Path(spec.path).name)
+    """Result-column names: the spec's name, else its data's name, else the folder name; made unique
+    by index."""
+    names = [spec.name or (data_name(spec.data) if spec.data is not None else None) or Path(spec.path).name
+             for spec in specs]
     return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 

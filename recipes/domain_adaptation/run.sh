@@ -44,10 +44,12 @@ if ! done_already "$OUT_DIR/fisher/dapt.safetensors" "fisher $DAPT_MODEL (masked
     --trainer.default_root_dir "$OUT_DIR/fisher" ${EXTRA_ARGS:-}
 fi
 if ! done_already "$OUT_DIR/results.json" "merge"; then
-  MODELS="[{path: classifier/export, fisher: fisher/classifier.safetensors, data: {class_path: lightning_merge.data.GlueDataModule,
-           init_args: {task: $TASK, data_dir: $(realpath "$DATA_DIR"), max_length: 256}}},
-          {path: $DAPT_MODEL, fisher: fisher/dapt.safetensors, family: hf_mlm, allow_missing: true}]"
+  listed=()  # merge.yaml names allenai/biomed_roberta_base; another DAPT_MODEL is listed here instead
+  [[ "$DAPT_MODEL" != allenai/biomed_roberta_base ]] && listed=(--model.init_args.models "[]"
+    --model.init_args.models+ "{path: classifier/export, fisher: fisher/classifier.safetensors}"
+    --model.init_args.models+ "{path: $DAPT_MODEL, fisher: fisher/dapt.safetensors, family: hf_mlm, allow_missing: true}")
   lightning-merge validate --config "$HERE/merge.yaml" --model.init_args.root_dir "$OUT_DIR" --trainer.default_root_dir "$OUT_DIR" \
-    --model.init_args.models "$MODELS" --model.init_args.search.init_args.points "$GRID_POINTS" ${EXTRA_ARGS:-}
+    "${listed[@]}" --model.init_args.data.init_args.task "$TASK" --model.init_args.data.init_args.data_dir "$(realpath "$DATA_DIR")" \
+    --model.init_args.search.init_args.points "$GRID_POINTS" ${EXTRA_ARGS:-}
 fi
 cat "$OUT_DIR/results.csv"

@@ -41,7 +41,8 @@ else
   done
 fi
 
-specs=""
+listed=()  # merge.yaml lists the five default seeds; other SEEDS or MODELS are listed here instead
+[[ -n "$MODELS" || "$SEEDS" != "1 2 3 4 5" ]] && listed=(--model.init_args.models "[]")
 for i in "${!paths[@]}"; do
   for kind in full mask; do
     out="$OUT_DIR/fisher/model$i.$kind.safetensors"
@@ -54,13 +55,12 @@ for i in "${!paths[@]}"; do
       ${EXTRA_ARGS:-}
   done
   path=${paths[$i]}; [[ -e "$path" ]] && path=$(realpath "$path")
-  specs+="{path: $path, fisher: $(realpath "$OUT_DIR/fisher/model$i.full.safetensors"),
-          mask_fisher: $(realpath "$OUT_DIR/fisher/model$i.mask.safetensors"), task: $TASK,
-          data: {class_path: lightning_merge.data.GlueDataModule, init_args: {task: $TASK, data_dir: $DATA_DIR}}},"
+  [[ ${#listed[@]} -gt 0 ]] && listed+=(--model.init_args.models+
+    "{path: $path, fisher: fisher/model$i.full.safetensors, mask_fisher: fisher/model$i.mask.safetensors}")
 done
 if ! done_already "$OUT_DIR/results.json" "merge ${#paths[@]} models, λ = 1/${#paths[@]}"; then
   lightning-merge validate --config recipes/ensembling/merge.yaml --model.init_args.root_dir "$OUT_DIR" \
-    --trainer.default_root_dir "$OUT_DIR" \
-    --model.init_args.models "[${specs%,}]" ${EXTRA_ARGS:-}
+    --trainer.default_root_dir "$OUT_DIR" "${listed[@]}" \
+    --model.init_args.data.init_args.task "$TASK" --model.init_args.data.init_args.data_dir "$DATA_DIR" ${EXTRA_ARGS:-}
 fi
 cat "$OUT_DIR/results.csv"

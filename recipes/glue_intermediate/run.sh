@@ -3,11 +3,11 @@
 # the hub: fine-tune the target, take the donor from the hub (or fine-tune it), Fisher of both on
 # 4096 training examples, 50-point λ grid, Fisher vs isotropic vs unmerged.
 #   1 target  fine-tune bert-base-uncased on TARGET_TASK  -> $OUT_DIR/target/export
-#   2 donor   DONOR_MODEL from the hub, or fine-tuned on DONOR_TASK when DONOR_MODEL is empty
+#   2 donor   the hub donor named in merge.yaml (DONOR=hub), or fine-tuned on DONOR_TASK (DONOR=finetune)
 #   3 fisher  exact Fisher of both                        -> $OUT_DIR/fisher/{target,donor}.safetensors
 #   4 merge                                               -> $OUT_DIR/results.csv, score_vs_lambda.png
-# Environment (defaults): TARGET_TASK (RTE), DONOR_TASK (MNLI), DONOR_MODEL
-# (textattack/bert-base-uncased-MNLI), OUT_DIR (outputs/glue_intermediate), DATA_DIR (empty: hub),
+# Environment (defaults): TARGET_TASK (RTE), DONOR_TASK (MNLI), DONOR (hub: textattack/bert-base-uncased-MNLI,
+# as merge.yaml names it; finetune: fine-tune bert-base-uncased on DONOR_TASK), OUT_DIR (outputs/glue_intermediate), DATA_DIR (empty: hub),
 # FISHER_EXAMPLES (4096), GRID_POINTS (50), FORCE=1, EXTRA_ARGS (every stage, e.g.
 # "--trainer.devices 4 --trainer.strategy ddp").
 set -euo pipefail
@@ -15,7 +15,8 @@ cd "$(dirname "$0")/../.."
 source recipes/lib.sh
 TARGET_TASK=${TARGET_TASK:-RTE}
 DONOR_TASK=${DONOR_TASK:-MNLI}
-DONOR_MODEL=${DONOR_MODEL-textattack/bert-base-uncased-MNLI}
+DONOR=${DONOR:-hub}
+HUB_DONOR=textattack/bert-base-uncased-MNLI  # the donor merge.yaml names
 OUT_DIR=${OUT_DIR:-outputs/glue_intermediate}
 DATA_DIR=${DATA_DIR:-null}
 FISHER_EXAMPLES=${FISHER_EXAMPLES:-4096}
@@ -40,15 +41,18 @@ fisher() {  # fisher ROLE MODEL TASK
 }
 
 finetune target "$TARGET_TASK"
-DONOR_PATH=$DONOR_MODEL
-if [[ -z "$DONOR_MODEL" ]]; then finetune donor "$DONOR_TASK"; DONOR_PATH=donor/export; fi
+merge_configs=(--config "$HERE/merge.yaml")
+if [[ "$DONOR" == finetune ]]; then
+  finetune donor "$DONOR_TASK"
+  fisher donor "$OUT_DIR/donor/export" "$DONOR_TASK"
+  merge_configs+=(--config "$HERE/donor_finetuned.yaml")
+else
+  fisher donor "$HUB_DONOR" "$DONOR_TASK"
+fi
 fisher target "$OUT_DIR/target/export" "$TARGET_TASK"
-fisher donor "$([[ -z "$DONOR_MODEL" ]] && echo "$OUT_DIR/donor/export" || echo "$DONOR_MODEL")" "$DONOR_TASK"
 if ! done_already "$OUT_DIR/results.json" "merge $TARGET_TASK ← $DONOR_TASK"; then
-  MODELS="[{path: target/export, fisher: fisher/target.safetensors, data: {class_path: lightning_merge.data.GlueDataModule,
-           init_args: {task: $TARGET_TASK, data_dir: $DATA_DIR, eval_batch_size: 64}}},
-          {path: $DONOR_PATH, fisher: fisher/donor.safetensors}]"
-  lightning-merge validate --config "$HERE/merge.yaml" --model.init_args.root_dir "$OUT_DIR" --trainer.default_root_dir "$OUT_DIR" \
-    --model.init_args.models "$MODELS" --model.init_args.search.init_args.points "$GRID_POINTS" ${EXTRA_ARGS:-}
+  lightning-merge validate "${merge_configs[@]}" --model.init_args.root_dir "$OUT_DIR" --trainer.default_root_dir "$OUT_DIR" \
+    --model.init_args.data.init_args.task "$TARGET_TASK" --model.init_args.data.init_args.data_dir "$DATA_DIR" \
+    --model.init_args.search.init_args.points "$GRID_POINTS" ${EXTRA_ARGS:-}
 fi
 cat "$OUT_DIR/results.csv"

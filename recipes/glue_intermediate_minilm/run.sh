@@ -65,11 +65,9 @@ statistics fisher configs/fisher/exact.yaml "$DONOR_FISHER_EXAMPLES" donor "$DON
 statistics gram configs/gram/glue.yaml "$GRAM_EXAMPLES" target "$TARGET_TASK"
 statistics gram configs/gram/glue.yaml "$GRAM_EXAMPLES" donor "$DONOR_TASK"
 if ! done_already "$OUT_DIR/results.json" "merge $TARGET_TASK ← $DONOR_TASK"; then
-  MODELS="[{path: target/export, fisher: fisher/target.safetensors, inputs: {gram: gram/target.safetensors}, data: {class_path: lightning_merge.data.GlueDataModule,
-           init_args: {task: $TARGET_TASK, data_dir: $(realpath "$DATA_DIR"), eval_batch_size: 64}}},
-          {path: donor/export, fisher: fisher/donor.safetensors, inputs: {gram: gram/donor.safetensors}}]"
   lightning-merge validate --config "$HERE/merge.yaml" --model.init_args.root_dir "$OUT_DIR" --trainer.default_root_dir "$OUT_DIR" \
-    --model.init_args.models "$MODELS" --model.init_args.search.init_args.points "$GRID_POINTS" ${EXTRA_ARGS:-}
+    --model.init_args.data.init_args.task "$TARGET_TASK" --model.init_args.data.init_args.data_dir "$(realpath "$DATA_DIR")" \
+    --model.init_args.search.init_args.points "$GRID_POINTS" ${EXTRA_ARGS:-}
 fi
 echo "Results: $OUT_DIR/results.csv (every candidate: $OUT_DIR/search.csv), plot: $OUT_DIR/score_vs_lambda.png"
 cat "$OUT_DIR/results.csv"

@@ -65,7 +65,7 @@ for task in $TASKS; do
 done
 
 read -r -a tasks <<< "$TASKS"
-spec() {  # spec TASK N
+spec() {  # spec TASK N: one model of a pair, appended to `models` (models+)
   echo "{path: $1/export, fisher: fisher/$2/$1.full.safetensors, mask_fisher: fisher/$2/$1.mask.safetensors,
          inputs: {gram: gram/$1.safetensors},
          data: {class_path: lightning_merge.data.GlueDataModule, init_args: {task: $1, data_dir: $(realpath "$DATA_DIR" 2>/dev/null || echo "$DATA_DIR")}}}"
@@ -77,7 +77,8 @@ for n in $FISHER_SIZES; do
       done_already "$OUT_DIR/$dir/results.json" "merge $a + $b ($n Fisher examples)" && continue
       lightning-merge validate --config recipes/mask_fisher_multitask/merge.yaml --model.init_args.root_dir "$OUT_DIR" \
         --trainer.default_root_dir "$OUT_DIR/$dir" \
-        --model.init_args.models "[$(spec "$a" "$n"), $(spec "$b" "$n")]" --model.init_args.output_dir "$dir" \
+        --model.init_args.models "[]" --model.init_args.models+ "$(spec "$a" "$n")" \
+        --model.init_args.models+ "$(spec "$b" "$n")" --model.init_args.output_dir "$dir" \
         --model.init_args.base "$BASE_MODEL" \
         ${EXTRA_ARGS:-}
     done

@@ -20,13 +20,13 @@ if [[ "$VARIANT" == offline ]]; then
   OUT_DIR=${OUT_DIR:-outputs/wise_ft_vit_offline}
   DATA=(--config configs/data/digits.yaml --data.init_args.train_shift rotate
         --data.init_args.eval_shifts "[original, noise, blur]")
-  EVAL_DATA="{source: digits, train_shift: rotate, eval_shifts: [original, noise, blur]}"
+  MERGE=(--config "$HERE/wise_ft.yaml" --config "$HERE/wise_ft_offline.yaml")
   START="$OUT_DIR/pretrain/export"
   TRAIN_SHIFT=rotate
 else
   OUT_DIR=${OUT_DIR:-outputs/wise_ft_vit}
   DATA=(--config configs/data/cifar10_hub.yaml)
-  EVAL_DATA="{source: uoft-cs/cifar10, img_size: 224, eval_split: test, eval_shifts: [noise, blur, rotate], max_eval_examples: 2000}"
+  MERGE=(--config "$HERE/wise_ft.yaml")
   START=""
   TRAIN_SHIFT=none
 fi
@@ -60,10 +60,7 @@ for model in linear_probe finetune; do
     --trainer.default_root_dir "$OUT_DIR/fisher" ${EXTRA_ARGS:-}
 done
 if ! done_already "$OUT_DIR/results.json" wise_ft; then
-  MODELS="[{path: finetune/export, fisher: fisher/finetune.safetensors, task: images, name: iid,
-            data: {class_path: lightning_merge.data.ImageDataModule, init_args: $EVAL_DATA}},
-           {path: linear_probe/export, fisher: fisher/linear_probe.safetensors, task: images}]"
-  lightning-merge validate --config "$HERE/wise_ft.yaml" --model.init_args.root_dir "$OUT_DIR" --trainer.default_root_dir "$OUT_DIR" \
-    --model.init_args.models "$MODELS" ${EXTRA_ARGS:-}
+  lightning-merge validate "${MERGE[@]}" --model.init_args.root_dir "$OUT_DIR" --trainer.default_root_dir "$OUT_DIR" \
+    ${EXTRA_ARGS:-}
 fi
 cat "$OUT_DIR/results.csv"

@@ -321,6 +321,9 @@ def main() -> None:
         print("arguments accepted")
         return
     torch.set_num_threads(args.threads)
+    from lightning_merge.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as `lightning-merge` runs; every method in this process alike
     makers = {"mlp": lambda: mlp_case(args.rounds + 1), "minilm_c3": lambda: minilm_case(args.rounds + 1, 3),
               "minilm_c2": lambda: minilm_case(args.rounds + 1, 2), "vit_tiny": lambda: vit_case(args.rounds + 1)}
     on = {"mlp": list(METHODS), "vit_tiny": list(METHODS)}

@@ -139,6 +139,9 @@ def exact_max_rel_err(backbone, batch, num_classes: int) -> float:
 
 
 def peak_rss_of(method: str, num_classes: int, batch_size: int, seq_len: int, full_length: bool) -> float:
+    from lightning_merge.allocator import keep_freed_memory
+
+    keep_freed_memory()
     backbone = load(num_classes)
     batch = make_batches(backbone.tokenizer, batch_size, 1, seq_len, num_classes, full_length)[0]
     start, step, stop = method_hooks(method, backbone, num_classes)
@@ -193,6 +196,9 @@ HOG = "import time\nend = time.time() + 1800\nwhile time.time() < end:\n    sum(
 
 
 def timed(args, rss: dict) -> dict:
+    from lightning_merge.allocator import keep_freed_memory
+
+    args.kept_freed_memory = keep_freed_memory()  # as `lightning-merge` runs every stage (train included)
     backbone = load(args.num_classes)
     batches = make_batches(backbone.tokenizer, args.batch_size, args.batches + 1, args.seq_len, args.num_classes,
                            args.full_length)
@@ -216,6 +222,7 @@ def timed(args, rss: dict) -> dict:
     train = speed["train"]
     print(f"MiniLM-L6 (22M), seq {args.seq_len}, batch {args.batch_size}, C={args.num_classes}, "
           f"{torch.get_num_threads()} threads, {args.hog} CPU hogs beside, "
+          f"freed memory {'kept' if args.kept_freed_memory else 'returned (glibc default)'}, "
           f"median of {args.batches} interleaved rounds, "
           f"{real_tokens:.0%} of positions are real tokens (all methods get the same padded batches)")
     print(f"{'method':<12}{'ex/s':>8}{'x train':>10}{'x train_eval':>14}{'peak RSS MB':>14}")
@@ -237,6 +244,7 @@ def timed(args, rss: dict) -> dict:
         "peak_rss_mb": rss["exact"],
         "train_peak_rss_mb": rss["train"],
         "cpu_hogs": args.hog,
+        "kept_freed_memory": args.kept_freed_memory,
         "exact_over_train": exact / train,
     }
     return summary

@@ -19,6 +19,7 @@ import lightning_merge.backbones as _backbones
 import lightning_merge.data as _data
 import lightning_merge.merging as _merging
 from lightning_merge import quiet
+from lightning_merge.allocator import keep_freed_memory
 from lightning_merge.progress import PlainProgress
 
 DEBUG_ENV = "LIGHTNING_MERGE_DEBUG"  # set to 1 for full tracebacks of input errors
@@ -134,6 +135,7 @@ def merge_files(args: Sequence[str]):
 def main(args: Sequence[str] | None = None) -> LightningMergeCLI:
     """Entry point of the console script; tests call it with an argument list."""
     quiet.install()
+    keep_freed_memory()
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == [MERGE_STAGE]:
         return merge_files(argv[1:])

@@ -4,7 +4,6 @@ that label them, which tensors are merged, and what each method reads for every 
 from __future__ import annotations
 
 import copy
-
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any

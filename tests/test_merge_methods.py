@@ -273,12 +273,19 @@ def test_compiled_merges_match_the_reference_and_stream_alike(three, tmp_path, m
     assert all(torch.equal(streamed[n], in_memory[n]) for n in base)
 
 
+@pytest.mark.parametrize("path", ["sample-bracket", "histogram"])
 @pytest.mark.parametrize("grid", [True, False], ids=["tied-values", "continuous"])
 @pytest.mark.parametrize("per_tensor", [False, True], ids=["global", "per-tensor"])
-def test_ties_thresholds_are_the_exact_kth_largest_magnitude(grid, per_tensor):
-    """The histogram passes give exactly the k-th largest |τ| (over the body, or per tensor), as a full
-    sort does; k = 100% keeps everything (threshold 0)."""
+def test_ties_thresholds_are_the_exact_kth_largest_magnitude(grid, per_tensor, path, monkeypatch):
+    """The sampled bracket (and, when a bracket misses, the histogram passes) give exactly the k-th
+    largest |τ| (over the body, or per tensor), as a full sort does; k = 100% keeps everything (0)."""
     import math
+
+    if path == "histogram":  # a bracket that holds nothing: every threshold comes from the fallback
+        monkeypatch.setattr(TiesMerging, "_bracket", lambda self, sample, share: (math.inf, math.inf))
+    else:
+        monkeypatch.setattr(TiesMerging, "SAMPLE_STRIDE", 7)  # a sample of a few thousand entries
+        monkeypatch.setattr(TiesMerging, "_histogram_thresholds", None)  # the brackets must hold every rank
 
     from lightning_merge.merging import MemoryTensors, MergePlan
 

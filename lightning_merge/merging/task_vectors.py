@@ -117,6 +117,11 @@ def compiled_merge():
     return _COMPILED["merge"]
 
 
+def _count(mask: torch.Tensor) -> int:
+    """How many entries of a bool tensor are set (summed as bytes: ``bool.sum()`` converts to int64 first)."""
+    return int(mask.view(torch.uint8).sum(dtype=torch.int32))
+
+
 def _top_bin(hist: torch.Tensor, rank: int) -> tuple[int, int]:
     """The bin holding the ``rank``-th largest element (1-based) of a histogram in ascending bin order,
     and that element's rank within the bin."""
@@ -173,29 +178,96 @@ class _TaskVectorMerge(MergeMethod):
                                 piece.start, int(self.drop_rate * 2**32), 1.0 / (1.0 - self.drop_rate), thresholds)
 
     # -- TIES' trim: the magnitude of the top_k-th percent largest |τ| entry of each model ----------
+    #: every SAMPLE_STRIDE-th entry of each piece (a prime, so rows of any usual width are sampled
+    #: across their columns) brackets the threshold before the counting pass
+    SAMPLE_STRIDE = 251
+    #: half-width of the bracket in standard deviations of the sample's rank
+    BRACKET_SIGMAS = 6.0
+
     def prepare(self, pieces, num_models) -> None:
+        """The exact ``top_k``-th percent largest ``|τ_i|`` of each model (or tensor): a strided sample
+        of ``|τ_i|`` brackets it, one pass counts the entries above the bracket and gathers the few
+        inside it, and the threshold is read off those exactly. Should the sample miss (the bracket
+        does not hold the rank), two passes over the float bits (a 2¹⁵- then a 2¹⁶-bin histogram) find it."""
         self.thresholds = {}
         if self.top_k is None:
             return
+        samples: dict[tuple[int, str | None], list[torch.Tensor]] = {}
         counts: dict[tuple[int, str | None], int] = {}
-        hi: dict[tuple[int, str | None], torch.Tensor] = {}
-        for piece in pieces():  # pass 1: how many entries in each of the 2¹⁵ top bins of |τ|'s float bits
+        for piece in pieces():  # pass 1: a strided sample
+            for i, tau in enumerate(self._sampled(piece)):
+                key = (i, piece.name if self.per_tensor else None)
+                samples.setdefault(key, []).append(tau)
+                counts[key] = counts.get(key, 0) + piece.stop - piece.start
+        keeps = {key: math.ceil(self.top_k / 100 * n) for key, n in counts.items()}
+        brackets = {key: self._bracket(torch.cat(samples[key]), keeps[key] / counts[key])
+                    for key in counts if 0 < keeps[key] < counts[key]}
+        self.thresholds = {key: 0.0 for key in counts if key not in brackets}  # keep everything
+        if not brackets:
+            return
+        above, inside_count = dict.fromkeys(brackets, 0), dict.fromkeys(brackets, 0)
+        inside: dict[tuple[int, str | None], list[torch.Tensor]] = {key: [] for key in brackets}
+        for piece in pieces():  # pass 2: how many above the bracket, and the entries inside it
+            n, device = piece.stop - piece.start, piece.shared[BASE].device
+            scratch, near = self._work.get("scratch", n, device=device), self._work.get("near", n, torch.bool, device)
             for i, tau in enumerate(self.task_vectors(piece)):
                 key = (i, piece.name if self.per_tensor else None)
-                bits = tau.abs_().view(torch.int32)
-                hi[key] = hi.get(key, 0) + torch.bincount(bits >> 16, minlength=_HI_BINS)
-                counts[key] = counts.get(key, 0) + tau.numel()
-        wanted = {}
-        for key, n in counts.items():
-            keep = math.ceil(self.top_k / 100 * n)
-            if keep >= n or n == 0:
-                self.thresholds[key] = 0.0  # keep everything
+                if key not in brackets:
+                    continue
+                lo, hi = brackets[key]
+                tau = tau.abs_()
+                # float arithmetic only (a bool tensor's sum converts it to int64 first): τ > hi ⟺ τ − hi > 0
+                above[key] += int(torch.sub(tau, hi, out=scratch).clamp_(min=0).sign_().sum())
+                if lo == hi:  # one value fills the bracket (DARE's zeros): counting is enough
+                    inside_count[key] += _count(torch.eq(tau, lo, out=near))
+                    continue
+                if hi == math.inf:
+                    near = torch.ge(tau, lo, out=near)
+                else:  # a superset of [lo, hi] by | |τ| − mid | ≤ half (+ rounding), refined exactly below
+                    mid, half = (lo + hi) / 2, (hi - lo) / 2 * (1 + 1e-6) + hi * 1e-6
+                    near = torch.le(torch.sub(tau, mid, out=scratch).abs_(), half, out=near)
+                candidates = tau[near]
+                inside[key].append(candidates[(candidates >= lo) & (candidates <= hi)])
+        missed = {}
+        for key, (lo, _) in brackets.items():
+            rank = keeps[key] - above[key]  # of the threshold among the entries in [lo, hi]
+            candidates = torch.cat(inside[key]) if inside[key] else torch.full((inside_count[key],), lo)
+            if 0 < rank <= candidates.numel():
+                self.thresholds[key] = float(torch.topk(candidates, rank, sorted=False).values.min())
             else:
-                wanted[key] = _top_bin(hi[key], keep)
-        if not wanted:
-            return
+                missed[key] = keeps[key]
+        if missed:
+            self.thresholds.update(self._histogram_thresholds(pieces, missed))
+
+    def _sampled(self, piece: Piece) -> list[torch.Tensor]:
+        stride = self.SAMPLE_STRIDE
+        if self.drop_rate > 0:  # DARE'd vectors: the sample must see the same drops
+            return [tau[::stride].abs() for tau in self.task_vectors(piece)]
+        base = piece.shared[BASE][::stride]
+        return [(theta[::stride] - base).abs_() for theta in piece.thetas]
+
+    def _bracket(self, sample: torch.Tensor, share: float) -> tuple[float, float]:
+        """``[lo, hi]`` that holds the entry of rank ``share · n`` from the top with near certainty: the
+        sample's order statistics ``BRACKET_SIGMAS`` binomial standard deviations either side of it."""
+        m = sample.numel()
+        spread = self.BRACKET_SIGMAS * math.sqrt(m * share * (1 - share)) + 2
+        top_rank = share * m  # 1-based rank from the top within the sample
+        lo_rank, hi_rank = math.ceil(top_rank + spread), math.floor(top_rank - spread)
+        lo = float(torch.kthvalue(sample, m - lo_rank + 1).values) if lo_rank <= m else 0.0
+        hi = float(torch.kthvalue(sample, m - hi_rank + 1).values) if hi_rank >= 1 else math.inf
+        return lo, hi
+
+    def _histogram_thresholds(self, pieces, keeps: dict) -> dict:
+        hi: dict[tuple[int, str | None], torch.Tensor] = {}
+        for piece in pieces():  # how many entries in each of the 2¹⁵ top bins of |τ|'s float bits
+            for i, tau in enumerate(self.task_vectors(piece)):
+                key = (i, piece.name if self.per_tensor else None)
+                if key in keeps:
+                    bits = tau.abs_().view(torch.int32)
+                    hi[key] = hi.get(key, 0) + torch.bincount(bits >> 16, minlength=_HI_BINS)
+        wanted = {key: _top_bin(hi[key], keep) for key, keep in keeps.items()}
         lo: dict[tuple[int, str | None], torch.Tensor] = {}
-        for piece in pieces():  # pass 2: within the bin that holds the threshold, the 2¹⁶ low bits
+        for piece in pieces():  # within the bin that holds the threshold, the 2¹⁶ low bits
             for i, tau in enumerate(self.task_vectors(piece)):
                 key = (i, piece.name if self.per_tensor else None)
                 if key not in wanted:
@@ -203,9 +275,11 @@ class _TaskVectorMerge(MergeMethod):
                 bits = tau.abs_().view(torch.int32)
                 inside = bits[(bits >> 16) == wanted[key][0]]
                 lo[key] = lo.get(key, 0) + torch.bincount(inside & 0xFFFF, minlength=_LO_BINS)
+        thresholds = {}
         for key, (top, rank) in wanted.items():
             low, _ = _top_bin(lo[key], rank)
-            self.thresholds[key] = float(torch.tensor([(top << 16) | low], dtype=torch.int32).view(torch.float32))
+            thresholds[key] = float(torch.tensor([(top << 16) | low], dtype=torch.int32).view(torch.float32))
+        return thresholds
 
     def merge(self, piece: Piece, coefficients, target, out) -> None:
         if self.compile:

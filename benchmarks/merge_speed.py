@@ -19,6 +19,10 @@
 
 from __future__ import annotations
 
+from lightning_merge.command import prepare_process
+
+prepare_process()  # as `lightning-merge` runs: set before torch loads its OpenMP runtime
+
 import argparse
 import json
 import statistics

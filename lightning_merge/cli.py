@@ -19,7 +19,6 @@ import lightning_merge.backbones as _backbones
 import lightning_merge.data as _data
 import lightning_merge.merging as _merging
 from lightning_merge import quiet
-from lightning_merge.allocator import keep_freed_memory, return_freed_memory
 from lightning_merge.progress import PlainProgress
 
 DEBUG_ENV = "LIGHTNING_MERGE_DEBUG"  # set to 1 for full tracebacks of input errors
@@ -137,11 +136,9 @@ def main(args: Sequence[str] | None = None) -> LightningMergeCLI:
     quiet.install()
     argv = list(sys.argv[1:] if args is None else args)
     if argv[:1] == [MERGE_STAGE]:
-        return_freed_memory()  # a streamed merge's peak is what it holds
         return merge_files(argv[1:])
     if argv[:1] == [INSPECT]:
         return inspect_files(argv[1:])
-    keep_freed_memory()  # a compute stage's next step reuses what this one freed
     # exit_on_error=False: a parse error is raised (and printed as one line by console_main), not
     # printed after fifty lines of usage.
     common = {"formatter_class": _HelpFormatter, "exit_on_error": False}

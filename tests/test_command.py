@@ -28,3 +28,16 @@ def test_the_console_script_sets_it_before_torch_is_imported():
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lightning-merge"]
     assert script.value == "lightning_merge.command:console_main"
+
+
+def test_each_subcommand_gets_its_way_of_handing_back_memory(monkeypatch):
+    from lightning_merge import allocator, cli, command
+
+    seen = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: seen.append("keep"))
+    monkeypatch.setattr(allocator, "return_freed_memory", lambda: seen.append("return"))
+    monkeypatch.setattr(cli, "console_main", lambda: seen.append("cli"))
+    for subcommand in ("fit", "merge", "inspect"):
+        monkeypatch.setattr("sys.argv", ["lightning-merge", subcommand])
+        command.console_main()
+    assert seen == ["keep", "cli", "return", "cli", "cli"]

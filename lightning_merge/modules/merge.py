@@ -98,7 +98,6 @@ class MergeModule(pl.LightningModule):
                  data: pl.LightningDataModule | None = None, data_for: Literal["target", "all"] = "target",
                  root_dir: str | None = None) -> None:
         super().__init__()
-        models = with_shared_data(models, data, data_for, target) if 0 <= target < len(models) else models
         if root_dir is not None:
             models = [rooted(spec, root_dir) for spec in models]
             output_dir, export_dir = under(root_dir, output_dir), under(root_dir, export_dir)
@@ -108,6 +107,7 @@ class MergeModule(pl.LightningModule):
         if not 0 <= target < len(models):
             raise ValueError(f"MergeModule(target={target}): out of range for {len(models)} models "
                              f"(0..{len(models) - 1})")
+        models = with_shared_data(models, data, data_for, target)
         baselines = [UNMERGED, ENSEMBLE] if baselines is None else list(baselines)
         if not any(spec.data is not None for spec in models):
             raise ValueError("no model has `data`: give the evaluation data of at least one model's task "

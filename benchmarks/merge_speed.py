@@ -2,10 +2,11 @@
 
 1. In-memory merges of two BERT-base-sized models (110M parameters, random values) through the merge
    driver (flat buffers, pieces that stay in cache), against the memory-bandwidth bound measured here:
-   bytes read and written by the merge ÷ the bandwidth of a large tensor copy. Fisher (eq. 4: reads
-   2 θ + 2 F, writes θ*), task arithmetic, TIES and DARE (read 2 θ + θ_0, write θ*). TIES is timed from
-   scratch (a strided sample that brackets each model's top-k threshold, one pass that counts above
-   the bracket and gathers the entries inside it, then the merge:
+   bytes read and written by the merge ÷ the bandwidth of a large tensor copy, the copy timed
+   alternately with each merge (this machine's bandwidth moves by up to 2× between minutes). Fisher
+   (eq. 4: reads 2 θ + 2 F, writes θ*), task arithmetic, TIES and DARE (read 2 θ + θ_0, write θ*).
+   TIES is timed from scratch (a strided sample that brackets each model's top-k threshold, one pass
+   that counts the entries above the bracket and gathers the few inside it, then the merge:
    ``ties_s``) and per further λ (``ties_merge_s``); TIES and DARE also with ``compile: true`` (each
    piece's merge fused by torch.compile). The per-tensor state-dict merge is timed too.
 2. Each method streamed from safetensors files to a file: wall time and peak RSS beyond the
@@ -53,6 +54,20 @@ def bert_base_shapes(vocab: int = 30522, hidden: int = 768, layers: int = 12, ff
         for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
             shapes[p + ln + ".weight"], shapes[p + ln + ".bias"] = (hidden,), (hidden,)
     return shapes
+
+
+def paired_times(fn, reference, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``fn`` and of ``reference``, timed alternately: both under the same machine
+    state (this machine's copy bandwidth moves by up to 2× between minutes)."""
+    fn()  # warm-up (and compilation)
+    reference()
+    times, references = [], []
+    for _ in range(repeats):
+        for call, into in ((fn, times), (reference, references)):
+            start = time.perf_counter()
+            call()
+            into.append(time.perf_counter() - start)
+    return statistics.median(times), statistics.median(references)
 
 
 def median_time(fn, repeats: int) -> float:
@@ -118,29 +133,44 @@ def merge_benchmarks(repeats: int) -> dict:
         cls, kwargs = METHODS[name]
         return merging.FlatMerger(getattr(merging, cls)(**kwargs), thetas, layout, inputs, {"base": theta0}, out=out)
 
-    fisher = flat("fisher", fisher_inputs)
-    merge_s = median_time(lambda: fisher([0.3, 0.7]), repeats)
     dst = torch.empty_like(thetas[0])
-    copy_s = median_time(lambda: dst.copy_(thetas[0]), repeats)
-    bandwidth = 2 * model_bytes / copy_s  # a copy reads and writes each byte once
-    bound_s = (4 * model_bytes + model_bytes) / bandwidth  # read 2 θ + 2 F, write θ*
-    tv_bound_s = (3 * model_bytes + model_bytes) / bandwidth  # read 2 θ + θ_0, write θ*
+    copy = lambda: dst.copy_(thetas[0])  # noqa: E731
+    copy_times: dict[str, float] = {}  # per timing: the copy timed alternately with it
+
+    def timed(key: str, fn, repeats: int) -> float:
+        seconds, copy_times[key] = paired_times(fn, copy, repeats)
+        return seconds
+
+    fisher = flat("fisher", fisher_inputs)
+    merge_s = timed("merge", lambda: fisher([0.3, 0.7]), repeats)
     ta = flat("ta")
-    ta_s = median_time(lambda: ta([0.3, 0.7]), repeats)
+    ta_s = timed("ta", lambda: ta([0.3, 0.7]), repeats)
     dare = flat("dare")
-    dare_s = median_time(lambda: dare([0.3, 0.7]), repeats)
-    ties_s = median_time(lambda: flat("ties")([0.3, 0.7]), max(1, repeats // 2))  # from scratch: thresholds too
+    dare_s = timed("dare", lambda: dare([0.3, 0.7]), repeats)
+    ties_s = timed("ties", lambda: flat("ties")([0.3, 0.7]), max(1, repeats // 2))  # from scratch: thresholds too
     ties = flat("ties")
-    ties_merge_s = median_time(lambda: ties([0.3, 0.7]), repeats)
-    # compile: true (one fused loop per piece); the first call compiles, median_time's warm-up takes it.
+    ties_merge_s = timed("ties_merge", lambda: ties([0.3, 0.7]), repeats)
+    # compile: true (one fused loop per piece); the first call compiles, the warm-up takes it.
     compiled = {name: merging.FlatMerger(getattr(merging, cls)(**kwargs, compile=True), thetas, layout, None,
                                          {"base": theta0}, out=out)
                 for name, (cls, kwargs) in (("ties", METHODS["ties"]), ("dare", METHODS["dare"]))}
-    ties_compiled_merge_s = median_time(lambda: compiled["ties"]([0.3, 0.7]), repeats)
-    dare_compiled_s = median_time(lambda: compiled["dare"]([0.3, 0.7]), repeats)
-    ties_compiled_s = median_time(lambda: merging.FlatMerger(merging.TiesMerging(top_k=20, compile=True), thetas,
-                                                             layout, None, {"base": theta0}, out=out)([0.3, 0.7]),
-                                  max(1, repeats // 2))
+    ties_compiled_merge_s = timed("ties_compiled_merge", lambda: compiled["ties"]([0.3, 0.7]), repeats)
+    dare_compiled_s = timed("dare_compiled", lambda: compiled["dare"]([0.3, 0.7]), repeats)
+    ties_compiled_s = timed("ties_compiled", lambda: merging.FlatMerger(
+        merging.TiesMerging(top_k=20, compile=True), thetas, layout, None, {"base": theta0}, out=out)([0.3, 0.7]),
+        max(1, repeats // 2))
+    # The bandwidth bound of a timing: the bytes it must move (in model sizes: Fisher reads 2 θ + 2 F and
+    # writes θ*, the task-vector methods read 2 θ + θ_0 and write θ*) at the bandwidth of the copy timed
+    # alternately with it (which reads and writes one model).
+    streams = {key: 5 if key == "merge" else 4 for key in copy_times}
+    over = {key: seconds / (streams[key] * copy_times[key] / 2) for key, seconds in (
+        ("merge", merge_s), ("ta", ta_s), ("dare", dare_s), ("ties", ties_s), ("ties_merge", ties_merge_s),
+        ("ties_compiled_merge", ties_compiled_merge_s), ("dare_compiled", dare_compiled_s),
+        ("ties_compiled", ties_compiled_s))}
+    bandwidths = sorted(2 * model_bytes / c / 1e9 for c in copy_times.values())
+    copy_s = statistics.median(copy_times.values())
+    bandwidth = 2 * model_bytes / copy_s
+    bound_s, tv_bound_s = 5 * copy_s / 2, 4 * copy_s / 2
     per_tensor_s = median_time(lambda: merge_bodies(states, [0.3, 0.7], fishers), max(1, repeats // 2))
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,14 +189,16 @@ def merge_benchmarks(repeats: int) -> dict:
     beyond = {name: (child["peak_kb"] - child["base_kb"]) / 1024 for name, child in streamed.items()}
     model_mb = model_bytes / 2**20
     result = {"num_parameters": numel, "model_mb": model_mb, "merge_s": merge_s, "bound_s": bound_s,
-              "merge_over_bound": merge_s / bound_s, "copy_bandwidth_gb_s": bandwidth / 1e9,
-              "tv_bound_s": tv_bound_s, "ta_s": ta_s, "ta_over_bound": ta_s / tv_bound_s, "dare_s": dare_s,
-              "dare_over_bound": dare_s / tv_bound_s, "ties_s": ties_s, "ties_over_bound": ties_s / tv_bound_s,
-              "ties_merge_s": ties_merge_s, "ties_merge_over_bound": ties_merge_s / tv_bound_s,
-              "ties_compiled_s": ties_compiled_s, "ties_compiled_over_bound": ties_compiled_s / tv_bound_s,
+              "merge_over_bound": over["merge"], "copy_bandwidth_gb_s": bandwidth / 1e9,
+              "copy_bandwidth_min_gb_s": bandwidths[0], "copy_bandwidth_max_gb_s": bandwidths[-1],
+              "copy_bandwidth_by_timing_gb_s": {k: 2 * model_bytes / c / 1e9 for k, c in copy_times.items()},
+              "tv_bound_s": tv_bound_s, "ta_s": ta_s, "ta_over_bound": over["ta"], "dare_s": dare_s,
+              "dare_over_bound": over["dare"], "ties_s": ties_s, "ties_over_bound": over["ties"],
+              "ties_merge_s": ties_merge_s, "ties_merge_over_bound": over["ties_merge"],
+              "ties_compiled_s": ties_compiled_s, "ties_compiled_over_bound": over["ties_compiled"],
               "ties_compiled_merge_s": ties_compiled_merge_s,
-              "ties_compiled_merge_over_bound": ties_compiled_merge_s / tv_bound_s,
-              "dare_compiled_s": dare_compiled_s, "dare_compiled_over_bound": dare_compiled_s / tv_bound_s,
+              "ties_compiled_merge_over_bound": over["ties_compiled_merge"],
+              "dare_compiled_s": dare_compiled_s, "dare_compiled_over_bound": over["dare_compiled"],
               "per_tensor_merge_s": per_tensor_s, "streamed_merge_s": streamed["fisher"]["seconds"],
               "streamed_peak_rss_mb": beyond["fisher"], "interpreter_rss_mb": streamed["fisher"]["base_kb"] / 1024,
               "streamed_rss_over_model": beyond["fisher"] / model_mb}
@@ -249,7 +281,8 @@ def main() -> None:
         print(f"(no RTE data under {args.data_dir}: search benchmark skipped)")
     rows = [("in-memory Fisher merge, 2 × 110M", f"{result['merge_s']:.3f} s",
              f"{result['merge_over_bound']:.2f}× the bound ({result['bound_s']:.3f} s at "
-             f"{result['copy_bandwidth_gb_s']:.1f} GB/s); target ≤ 3×"),
+             f"{result['copy_bandwidth_gb_s']:.1f} GB/s, copies timed alternately with each merge: "
+             f"{result['copy_bandwidth_min_gb_s']:.1f}–{result['copy_bandwidth_max_gb_s']:.1f}); target ≤ 3×"),
             ("in-memory task arithmetic", f"{result['ta_s']:.3f} s",
              f"{result['ta_over_bound']:.2f}× the bound ({result['tv_bound_s']:.3f} s); target ≤ 3×"),
             ("in-memory DARE (p = 0.9)", f"{result['dare_s']:.3f} s",

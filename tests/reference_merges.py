@@ -35,7 +35,7 @@ def dare_keep(name: str, index: int, model: int, seed: int, p: float) -> bool:
     x = ((x ^ (x >> 16)) * 0x7FEB352D) & m32
     x = ((x ^ (x >> 15)) * 0x846CA68B) & m32
     x ^= x >> 16
-    return x >= int(p * 2**32)
+    return x >> 8 >= int(p * 2**24)  # the top 24 bits against ⌊p · 2²⁴⌋
 
 
 def task_vectors(base: dict, models: list[dict], drop_rate: float = 0.0, seed: int = 0) -> list[dict]:

@@ -30,34 +30,59 @@ def _signed32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def dare_keep(name: str, start: int, stop: int, model: int, seed: int, drop_rate: float,
-              out: torch.Tensor | None = None,
+_DARE_BITS = 24  # the hash's top 24 bits decide: a drop rate rounded down to a multiple of 2⁻²⁴
+_INDEX: list[torch.Tensor] = [torch.arange(0, dtype=torch.int32)]
+
+
+def _index(n: int) -> torch.Tensor:
+    """``arange(n)`` in int32, kept between calls (an int32 ``arange`` costs more than the add that offsets it)."""
+    if _INDEX[0].numel() < n:
+        _INDEX[0] = torch.arange(n, dtype=torch.int32)
+    return _INDEX[0][:n]
+
+
+def dare_threshold(drop_rate: float) -> int:
+    """Entries whose 24-bit hash is at least this are kept: ``⌊p · 2²⁴⌋`` of the ``2²⁴`` values drop."""
+    return int(drop_rate * 2**_DARE_BITS)
+
+
+def dare_bits(name: str, start: int, stop: int, model: int, seed: int,
               scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Which entries ``[start, stop)`` of tensor ``name`` of model ``model`` DARE keeps (probability
-    ``1 − p``): a 32-bit hash of (seed, model, name, element index) compared with ``p · 2³²``. It depends
-    on nothing else — not on how a merge slices the tensor — so every path draws the same mask.
+    """The DARE hash of entries ``[start, stop)`` of tensor ``name`` of model ``model``: the top 24 bits
+    (an int32 in ``[0, 2²⁴)``) of a 32-bit hash of (seed, model, name, element index). It depends on
+    nothing else — not on how a merge slices the tensor — so every path draws the same drops.
 
     The hash is unsigned 32-bit arithmetic (``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15;
     x *= 0x846CA68B; x ^= x >> 16`` on ``index ^ key``), computed in int32 (multiplication wraps to the
-    same bits; right shifts are masked to be logical). ``out`` (bool) and ``scratch`` (two int32
-    tensors of at least ``stop − start``) avoid allocations."""
+    same bits; right shifts are masked to be logical). ``scratch``: two int32 tensors of at least
+    ``stop − start`` elements (the result is a view of the first)."""
     n = stop - start
     if stop > 2**31 - 1:
         raise ValueError(f"DARE: tensor {name!r} has more than 2³¹ elements")
     key = _signed32(dare_key(name, model, seed))
     x, y = scratch if scratch is not None else (torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32))
     x, y = x[:n], y[:n]
-    torch.arange(start, stop, out=x)
-    x.bitwise_xor_(key)
+    torch.add(_index(n), start, out=x).bitwise_xor_(key)
     for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
         torch.bitwise_right_shift(x, shift, out=y)
         x.bitwise_xor_(y.bitwise_and_((1 << (32 - shift)) - 1)).mul_(_signed32(multiplier))
     torch.bitwise_right_shift(x, 16, out=y)
     x.bitwise_xor_(y.bitwise_and_(0xFFFF))
-    # unsigned x >= t  ⟺  signed (x ^ 2³¹) >= signed (t ^ 2³¹)
-    threshold = _signed32(int(drop_rate * 2**32) ^ (1 << 31)) if drop_rate < 1 else 2**31 - 1
-    out = torch.empty(n, dtype=torch.bool) if out is None else out[:n]
-    return torch.ge(x.bitwise_xor_(_signed32(1 << 31)), threshold, out=out)
+    return x.bitwise_right_shift_(32 - _DARE_BITS).bitwise_and_((1 << _DARE_BITS) - 1)
+
+
+def dare_keep(name: str, start: int, stop: int, model: int, seed: int, drop_rate: float) -> torch.Tensor:
+    """Which entries ``[start, stop)`` DARE keeps (probability ``1 − p``), as a bool tensor."""
+    return dare_bits(name, start, stop, model, seed) >= dare_threshold(drop_rate)
+
+
+def dare_scale(bits: torch.Tensor, drop_rate: float, out: torch.Tensor) -> torch.Tensor:
+    """The factor DARE multiplies each task-vector entry by: ``1/(1 − p)`` where kept, 0 where dropped,
+    from :func:`dare_bits`, in float arithmetic only (on CPU a bool mask in float arithmetic is first
+    copied to a float tensor): ``clamp(bits − threshold + 1, 0, 1)`` is exact below 2²⁵."""
+    out = out[:bits.numel()]
+    out.copy_(bits)
+    return out.sub_(dare_threshold(drop_rate) - 1).clamp_(0, 1).mul_(1.0 / (1.0 - drop_rate))
 
 
 def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -66,12 +91,12 @@ def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def dare_keep_int64(start: int, n: int, key: torch.Tensor, threshold: int, device=None) -> torch.Tensor:
-    """:func:`dare_keep`'s hash in int64 arithmetic that never overflows (for compiled code, where a
-    wrapping int32 multiply is undefined); the same bits. ``key`` is a 0-dim int64 tensor."""
+    """:func:`dare_bits`' hash in int64 arithmetic that never overflows (for compiled code, where a
+    wrapping int32 multiply is undefined), compared with :func:`dare_threshold`; the same bits."""
     x = ((torch.arange(n, dtype=torch.int64, device=device) + start) ^ key) & _M32
     x = _mulmod32(x ^ (x >> 16), 0x7FEB352D)
     x = _mulmod32(x ^ (x >> 15), 0x846CA68B)
-    return (x ^ (x >> 16)) >= threshold
+    return ((x ^ (x >> 16)) >> (32 - _DARE_BITS)) >= threshold
 
 
 def dare_key(name: str, model: int, seed: int) -> int:
@@ -131,6 +156,27 @@ def _top_bin(hist: torch.Tensor, rank: int) -> tuple[int, int]:
     return len(hist) - 1 - j, rank - above
 
 
+NEAR_ROWS = 8  # a piece is screened as this many rows: each column a group of entries far apart
+
+
+def _in_bracket(magnitude: torch.Tensor, lo: float, hi: float, scratch: torch.Tensor) -> torch.Tensor:
+    """The entries of ``magnitude`` in ``[lo, hi]``. A bracket holds well under 1% of the entries, so
+    the piece is viewed as ``NEAR_ROWS`` rows and each column screened by its entries' least distance to
+    the bracket (float arithmetic and a row-wise min: no element-wise bool mask, which costs several
+    float passes on CPU); only the columns that may hold one are gathered and compared exactly."""
+    n = magnitude.numel()
+    whole = n - n % NEAR_ROWS
+    rows = magnitude[:whole].view(NEAR_ROWS, -1)
+    if hi == math.inf:
+        hit = rows.amax(0) >= lo
+    else:  # | |τ| − mid | ≤ half (widened for rounding) holds every entry of [lo, hi]
+        mid, half = (lo + hi) / 2, (hi - lo) / 2 * (1 + 1e-6) + hi * 1e-6
+        distance = torch.sub(magnitude[:whole], mid, out=scratch[:whole]).abs_()
+        hit = distance.view(NEAR_ROWS, -1).amin(0) <= half
+    candidates = torch.cat([rows.index_select(1, hit.nonzero().squeeze(1)).reshape(-1), magnitude[whole:]])
+    return candidates[(candidates >= lo) & (candidates <= hi)]
+
+
 class _TaskVectorMerge(MergeMethod):
     """What task arithmetic, TIES and DARE share: task vectors from ``base``, DARE's drop and rescale
     (``drop_rate > 0``), TIES' trim, elect and disjoint mean (``top_k`` given), or their plain sum."""
@@ -157,10 +203,9 @@ class _TaskVectorMerge(MergeMethod):
         for i, theta in enumerate(piece.thetas):
             tau = torch.sub(theta, base, out=self._work.get(f"tau{i}", n, device=device))
             if self.drop_rate > 0:  # DARE (Yu et al., ICML 2024, §4.1): drop with probability p, rescale by 1/(1 − p)
-                keep = dare_keep(piece.name, piece.start, piece.stop, i, self.seed, self.drop_rate,
-                                 out=self._work.get("keep", n, torch.bool),
+                bits = dare_bits(piece.name, piece.start, piece.stop, i, self.seed,
                                  scratch=(self._work.get("x", n, torch.int32), self._work.get("y", n, torch.int32)))
-                tau.mul_(keep.to(device)).mul_(1.0 / (1.0 - self.drop_rate))
+                tau.mul_(dare_scale(bits.to(device), self.drop_rate, self._work.get("keep", n, device=device)))
             vectors.append(tau)
         return vectors
 
@@ -175,7 +220,7 @@ class _TaskVectorMerge(MergeMethod):
             thresholds = torch.tensor([self.thresholds[(i, key)] for i in range(len(piece.thetas))], device=device)
         return compiled_merge()([t.float() for t in piece.thetas], piece.shared[BASE].float(),
                                 torch.tensor(list(coefficients), dtype=torch.float32, device=device), keys,
-                                piece.start, int(self.drop_rate * 2**32), 1.0 / (1.0 - self.drop_rate), thresholds)
+                                piece.start, dare_threshold(self.drop_rate), 1.0 / (1.0 - self.drop_rate), thresholds)
 
     # -- TIES' trim: the magnitude of the top_k-th percent largest |τ| entry of each model ----------
     #: every SAMPLE_STRIDE-th entry of each piece (a prime, so rows of any usual width are sampled
@@ -209,25 +254,20 @@ class _TaskVectorMerge(MergeMethod):
         inside: dict[tuple[int, str | None], list[torch.Tensor]] = {key: [] for key in brackets}
         for piece in pieces():  # pass 2: how many above the bracket, and the entries inside it
             n, device = piece.stop - piece.start, piece.shared[BASE].device
-            scratch, near = self._work.get("scratch", n, device=device), self._work.get("near", n, torch.bool, device)
+            scratch = self._work.get("scratch", n, device=device)
             for i, tau in enumerate(self.task_vectors(piece)):
                 key = (i, piece.name if self.per_tensor else None)
                 if key not in brackets:
                     continue
                 lo, hi = brackets[key]
-                tau = tau.abs_()
-                # float arithmetic only (a bool tensor's sum converts it to int64 first): τ > hi ⟺ τ − hi > 0
-                above[key] += int(torch.sub(tau, hi, out=scratch).clamp_(min=0).sign_().sum())
+                magnitude = tau.abs_()
+                # float arithmetic only (comparisons into bool tensors are several times slower on CPU):
+                # hardshrink keeps |τ| > hi, sign turns those into ones
+                above[key] += int(torch.hardshrink(magnitude, hi, out=scratch).sign_().sum())
                 if lo == hi:  # one value fills the bracket (DARE's zeros): counting is enough
-                    inside_count[key] += _count(torch.eq(tau, lo, out=near))
+                    inside_count[key] += _count(magnitude == lo)
                     continue
-                if hi == math.inf:
-                    near = torch.ge(tau, lo, out=near)
-                else:  # a superset of [lo, hi] by | |τ| − mid | ≤ half (+ rounding), refined exactly below
-                    mid, half = (lo + hi) / 2, (hi - lo) / 2 * (1 + 1e-6) + hi * 1e-6
-                    near = torch.le(torch.sub(tau, mid, out=scratch).abs_(), half, out=near)
-                candidates = tau[near]
-                inside[key].append(candidates[(candidates >= lo) & (candidates <= hi)])
+                inside[key].append(_in_bracket(magnitude, lo, hi, scratch))
         missed = {}
         for key, (lo, _) in brackets.items():
             rank = keeps[key] - above[key]  # of the threshold among the entries in [lo, hi]
@@ -294,23 +334,30 @@ class _TaskVectorMerge(MergeMethod):
                     out.add_(tau, alpha=lam)
             return
         # TIES: trim to the top-k% magnitudes, elect the sign of Σ λ_i τ̂_i, mean over the agreeing entries.
+        # Float arithmetic only: on CPU a bool mask in float arithmetic is first copied to a float tensor.
         n, device = len(out), out.device
         elected, scratch = self._work.get("elected", n, device=device), self._work.get("scratch", n, device=device)
-        count, mask = self._work.get("count", n, device=device), self._work.get("mask", n, torch.bool, device)
+        count = self._work.get("count", n, device=device)
         elected.zero_()
         for i, (lam, tau) in enumerate(zip(coefficients, vectors)):
             threshold = self.thresholds[(i, piece.name if self.per_tensor else None)]
-            torch.ge(torch.abs(tau, out=scratch), threshold, out=mask)
-            tau.mul_(mask).mul_(lam)  # λ_i τ̂_i
+            torch.hardshrink(tau, _below(threshold), out=tau).mul_(lam)  # λ_i τ̂_i: |τ_i| ≥ threshold kept
             elected.add_(tau)
-        elected.sign_()
-        merged = scratch.zero_()
+        elected.sign_()  # γ
+        merged = out.zero_()
         count.zero_()
-        for tau in vectors:  # agreeing: a non-zero λ_i τ̂_i with the elected sign, i.e. λ_i τ̂_i · γ > 0
-            torch.gt(torch.mul(tau, elected, out=out), 0, out=mask)
-            merged.add_(tau.mul_(mask))
-            count.add_(mask)
-        torch.add(base, merged.div_(count.clamp_(min=1)), out=out)
+        for tau in vectors:  # λ_i τ̂_i · γ > 0 where the entry agrees: its magnitude, else 0 after relu
+            agreeing = torch.mul(tau, elected, out=scratch).relu_()
+            merged.add_(agreeing)
+            count.add_(agreeing.sign_())
+        # Σ over agreeing λ_i τ̂_i = γ Σ |λ_i τ̂_i| (a sum of same-signed terms, negated exactly)
+        torch.add(base, merged.div_(count.clamp_(min=1)).mul_(elected), out=out)
+
+
+def _below(threshold: float) -> float:
+    """The largest float32 below ``threshold``: ``hardshrink(τ, it)`` keeps exactly ``|τ| ≥ threshold``."""
+    value = torch.tensor(threshold, dtype=torch.float32)
+    return float(torch.nextafter(value, torch.tensor(-math.inf)))
 
 
 class TaskArithmetic(_TaskVectorMerge):
@@ -330,7 +377,7 @@ class TiesMerging(_TaskVectorMerge):
     shared scale this is the paper's ``θ_0 + λ τ_m``. Entries tied with the k-th largest magnitude are
     all kept. Needs ``base``. ``compile: true`` fuses each piece's merge into one loop with
     ``torch.compile`` (:func:`fused_merge`; needs a C++ compiler, compiles once in about 10–20 s, then
-    about 3× faster on CPU); streamed and in-memory merges run the same code, so they stay equal."""
+    about 2× faster per λ on CPU); streamed and in-memory merges run the same code, so they stay equal."""
 
     def __init__(self, top_k: Percent = 20.0, per_tensor: bool = False, compile: bool = False,
                  name: str = "ties") -> None:

@@ -22,7 +22,7 @@ from lightning_merge.merging import (
     merge_safetensors,
     merge_state_dicts,
 )
-from lightning_merge.merging.task_vectors import dare_keep
+from lightning_merge.merging.dare_hash import dare_keep
 from tests import reference_merges as ref
 from tests.fixtures import TINY_VIT
 

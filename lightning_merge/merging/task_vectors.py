@@ -9,110 +9,32 @@ so a streamed merge equals an in-memory one bit for bit.
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Literal
 
 import torch
 from jsonargparse.typing import restricted_number_type
 
 from lightning_merge.merging.base import BASE, SCALE, MergeMethod, Piece
+from lightning_merge.merging.dare_hash import dare_bits, dare_keep_int64, dare_key, dare_scale, dare_threshold
 from lightning_merge.merging.formulas import Workspace
 
 Percent = restricted_number_type("Percent", float, [(">", 0), ("<=", 100)], join="and")
 DropRate = restricted_number_type("DropRate", float, [(">=", 0), ("<", 1)], join="and")
 
-_M32 = 0xFFFFFFFF
 _HI_BINS, _LO_BINS = 1 << 15, 1 << 16  # float32 bits of |τ| ≥ 0: 15 high bits (sign is 0), 16 low bits
 
 
-def _signed32(value: int) -> int:
-    value &= _M32
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-_DARE_BITS = 24  # the hash's top 24 bits decide: a drop rate rounded down to a multiple of 2⁻²⁴
-_INDEX: list[torch.Tensor] = [torch.arange(0, dtype=torch.int32)]
-
-
-def _index(n: int) -> torch.Tensor:
-    """``arange(n)`` in int32, kept between calls (an int32 ``arange`` costs more than the add that offsets it)."""
-    if _INDEX[0].numel() < n:
-        _INDEX[0] = torch.arange(n, dtype=torch.int32)
-    return _INDEX[0][:n]
-
-
-def dare_threshold(drop_rate: float) -> int:
-    """Entries whose 24-bit hash is at least this are kept: ``⌊p · 2²⁴⌋`` of the ``2²⁴`` values drop."""
-    return int(drop_rate * 2**_DARE_BITS)
-
-
-def dare_bits(name: str, start: int, stop: int, model: int, seed: int,
-              scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """The DARE hash of entries ``[start, stop)`` of tensor ``name`` of model ``model``: the top 24 bits
-    (an int32 in ``[0, 2²⁴)``) of a 32-bit hash of (seed, model, name, element index). It depends on
-    nothing else — not on how a merge slices the tensor — so every path draws the same drops.
-
-    The hash is unsigned 32-bit arithmetic (``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15;
-    x *= 0x846CA68B; x ^= x >> 16`` on ``index ^ key``), computed in int32 (multiplication wraps to the
-    same bits; right shifts are masked to be logical). ``scratch``: two int32 tensors of at least
-    ``stop − start`` elements (the result is a view of the first)."""
-    n = stop - start
-    if stop > 2**31 - 1:
-        raise ValueError(f"DARE: tensor {name!r} has more than 2³¹ elements")
-    key = _signed32(dare_key(name, model, seed))
-    x, y = scratch if scratch is not None else (torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32))
-    x, y = x[:n], y[:n]
-    torch.add(_index(n), start, out=x).bitwise_xor_(key)
-    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-        torch.bitwise_right_shift(x, shift, out=y)
-        x.bitwise_xor_(y.bitwise_and_((1 << (32 - shift)) - 1)).mul_(_signed32(multiplier))
-    torch.bitwise_right_shift(x, 16, out=y)
-    x.bitwise_xor_(y.bitwise_and_(0xFFFF))
-    return x.bitwise_right_shift_(32 - _DARE_BITS).bitwise_and_((1 << _DARE_BITS) - 1)
-
-
-def dare_keep(name: str, start: int, stop: int, model: int, seed: int, drop_rate: float) -> torch.Tensor:
-    """Which entries ``[start, stop)`` DARE keeps (probability ``1 − p``), as a bool tensor."""
-    return dare_bits(name, start, stop, model, seed) >= dare_threshold(drop_rate)
-
-
-def dare_scale(bits: torch.Tensor, drop_rate: float, out: torch.Tensor) -> torch.Tensor:
-    """The factor DARE multiplies each task-vector entry by: ``1/(1 − p)`` where kept, 0 where dropped,
-    from :func:`dare_bits`, in float arithmetic only (on CPU a bool mask in float arithmetic is first
-    copied to a float tensor): ``clamp(bits − threshold + 1, 0, 1)`` is exact below 2²⁵."""
-    out = out[:bits.numel()]
-    out.copy_(bits)
-    return out.sub_(dare_threshold(drop_rate) - 1).clamp_(0, 1).mul_(1.0 / (1.0 - drop_rate))
-
-
-def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x · c mod 2³²`` for ``0 ≤ x < 2³²`` in int64 without overflow (16-bit halves of ``c``)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def dare_keep_int64(start: int, n: int, key: torch.Tensor, threshold: int, device=None) -> torch.Tensor:
-    """:func:`dare_bits`' hash in int64 arithmetic that never overflows (for compiled code, where a
-    wrapping int32 multiply is undefined), compared with :func:`dare_threshold`; the same bits."""
-    x = ((torch.arange(n, dtype=torch.int64, device=device) + start) ^ key) & _M32
-    x = _mulmod32(x ^ (x >> 16), 0x7FEB352D)
-    x = _mulmod32(x ^ (x >> 15), 0x846CA68B)
-    return ((x ^ (x >> 16)) >> (32 - _DARE_BITS)) >= threshold
-
-
-def dare_key(name: str, model: int, seed: int) -> int:
-    return (seed * 0x9E3779B1 + (model + 1) * 0x85EBCA77 + zlib.crc32(name.encode())) & _M32
-
-
 def fused_merge(thetas: list[torch.Tensor], base: torch.Tensor, scales: torch.Tensor,
-                dare_keys: torch.Tensor | None = None, start: int = 0, dare_threshold: int = 0,
+                dare_keys: torch.Tensor | None = None, start: int = 0, keep_from: int = 0,
                 rescale: float = 1.0, thresholds: torch.Tensor | None = None) -> torch.Tensor:
     """The merge of one piece as one expression, the same arithmetic as the eager path, for
     ``torch.compile`` to fuse into a single loop: task vectors (DARE'd, the mask hashed in the loop
-    from ``dare_keys``, one per model, and the piece's ``start``), then task arithmetic, or with
+    from ``dare_keys``, one per model, and the piece's ``start``; kept where the hash is at least
+    ``keep_from``), then task arithmetic, or with
     ``thresholds`` TIES' trim, elect and disjoint mean."""
     vectors = [theta - base for theta in thetas]
     if dare_keys is not None:
-        vectors = [tau * dare_keep_int64(start, base.numel(), dare_keys[i], dare_threshold, base.device) * rescale
+        vectors = [tau * dare_keep_int64(start, base.numel(), dare_keys[i], keep_from, base.device) * rescale
                    for i, tau in enumerate(vectors)]
     if thresholds is None:
         merged = base

@@ -39,6 +39,9 @@ def save_gram(path: str | os.PathLike, sums: Mapping[str, torch.Tensor], rows: M
                                       "transposed_weights": sorted(transposed)}, shard_bytes)
 
 
+TILE = 256  # rows and columns of the blocks a Gram's symmetry is checked in
+
+
 def check_gram(gram: torch.Tensor, weight: str, weight_shape: torch.Size, label: str,
                transposed: bool = False) -> None:
     """A Gram fit for ``weight`` (``out × in``, or ``in × out`` when ``transposed``): ``in × in``, floating,
@@ -56,10 +59,11 @@ def check_gram(gram: torch.Tensor, weight: str, weight_shape: torch.Size, label:
     if (diagonal < 0).any():
         raise ValueError(f"{label}: the Gram for {weight!r} has negative diagonal entries (a sum of squares)")
     tolerance = SYMMETRY_TOLERANCE * max(float(diagonal.max()) if d else 0.0, 1e-30)
-    for start in range(0, d, 256):  # in row blocks: no d × d temporaries
-        stop = min(start + 256, d)
-        if float((gram[start:stop] - gram[:, start:stop].T).abs().max()) > tolerance:
-            raise ValueError(f"{label}: the Gram for {weight!r} is not symmetric")
+    for row in range(0, d, TILE):  # tile against mirrored tile: no d × d temporaries, each tile in cache
+        for column in range(row, d, TILE):
+            tile, mirrored = gram[row:row + TILE, column:column + TILE], gram[column:column + TILE, row:row + TILE]
+            if float((tile - mirrored.T).abs().max()) > tolerance:
+                raise ValueError(f"{label}: the Gram for {weight!r} is not symmetric")
 
 
 class GramInput:

@@ -115,6 +115,38 @@ def test_dare_without_drop_is_task_arithmetic_and_is_reproducible_by_seed(three)
     assert dare_keep("w", 0, 1000, 0, 0, 0.0).all()
 
 
+@pytest.mark.parametrize("combine", ["task_arithmetic", "ties"])
+def test_dare_drops_kept_between_merges_give_the_same_bits(three, combine, monkeypatch):
+    """A second merge with the same method unpacks the drops it kept instead of hashing again: the
+    same bits as a fresh method, for other scales too, and with nothing kept (a cache too small)."""
+    base, models = three
+    make = lambda: DareMerge(drop_rate=0.4, seed=5, combine=combine, top_k=30)  # noqa: E731
+    method = make()
+    for scales in ([0.5, 0.25, 1.0], [0.9, 0.1, 0.3]):
+        first = merge(method, base, models, scales)
+        again, fresh = merge(method, base, models, scales), merge(make(), base, models, scales)
+        assert method._drops, "the drops were not kept"
+        assert all(torch.equal(again[n], first[n]) and torch.equal(fresh[n], first[n]) for n in base)
+    monkeypatch.setattr(DareMerge, "DROP_CACHE_BYTES", 0)
+    uncached = make()
+    merged = merge(uncached, base, models, [0.5, 0.25, 1.0])
+    assert not uncached._drops
+    assert all(torch.equal(merged[n], merge(make(), base, models, [0.5, 0.25, 1.0])[n]) for n in base)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 4096 + 3])
+def test_packed_drops_unpack_to_the_same_scale(n):
+    from lightning_merge.merging.dare_hash import dare_bits, dare_scale, pack_drops, unpack_scale
+
+    x, y = torch.empty(n + 8, dtype=torch.int32), torch.empty(n + 8, dtype=torch.int32)
+    bits = dare_bits("w", 100, 100 + n, 0, 1, scratch=(x, y))
+    scale = dare_scale(bits, 0.7, torch.empty(n)).clone()
+    packed = pack_drops(x, n, 0.7, torch.empty(n, dtype=torch.uint8), y)
+    assert packed.numel() == -(-n // 8)
+    unpacked = unpack_scale(packed, n, 0.7, torch.full((n + 5,), -1.0), torch.empty(n + 8, dtype=torch.uint8))
+    assert torch.equal(unpacked, scale) and set(scale.unique().tolist()) <= {0.0, float(torch.tensor(1 / 0.3))}
+
+
 @pytest.mark.parametrize(("make", "message"), [
     (lambda: TiesMerging(top_k=0), r"top_k=0\): a percentage in \(0, 100\]"),
     (lambda: TiesMerging(top_k=101), r"top_k=101\)"),

@@ -87,3 +87,35 @@ def dare_keep_int64(start: int, n: int, key: torch.Tensor, threshold: int, devic
 
 def dare_key(name: str, model: int, seed: int) -> int:
     return (seed * 0x9E3779B1 + (model + 1) * 0x85EBCA77 + zlib.crc32(name.encode())) & _M32
+
+
+# A piece's drops, kept between merges (a coefficient search merges the same models once per λ): one bit
+# per entry in 8 planes, byte j holding the bits of entries j, j + m, …, j + 7m (m = ⌈n / 8⌉), so that
+# packing and unpacking are a few whole-buffer operations.
+_PLANES = torch.arange(8, dtype=torch.uint8).view(8, 1)
+_PLANE_BITS = (1 << torch.arange(8, dtype=torch.int32)).view(8, 1)
+
+
+def pack_drops(buffer: torch.Tensor, n: int, drop_rate: float, out: torch.Tensor,
+               scratch: torch.Tensor) -> torch.Tensor:
+    """Which of ``n`` entries DARE keeps, from :func:`dare_bits`' values in ``buffer[:n]`` (an int32
+    buffer of at least ``8m`` elements, ``m = ⌈n / 8⌉``; its tail is overwritten), as ``m`` planar bytes
+    written to ``out`` (uint8). ``scratch``: int32, at least ``8m``. Integer arithmetic on whole planes:
+    ``(threshold − 1 − bits) >> 31`` is −1 exactly where an entry is kept."""
+    m = -(-n // 8)
+    padded = buffer[:8 * m]
+    padded[n:].fill_(-1)  # beyond the piece: never kept
+    kept = torch.sub(dare_threshold(drop_rate) - 1, padded, out=scratch[:8 * m]).bitwise_right_shift_(31)
+    weighted = kept.view(8, m).bitwise_and_(_PLANE_BITS.to(buffer.device))
+    return out[:m].copy_(weighted.sum(0, dtype=torch.int32))
+
+
+def unpack_scale(packed: torch.Tensor, n: int, drop_rate: float, out: torch.Tensor,
+                 planes: torch.Tensor) -> torch.Tensor:
+    """:func:`dare_scale`'s values (``1/(1 − p)`` where kept, 0 where dropped) from :func:`pack_drops`'
+    bytes, the same bits; ``planes``: a uint8 buffer of at least ``8 ⌈n / 8⌉`` elements."""
+    m = packed.numel()
+    planes = planes[:8 * m].view(8, m)
+    torch.bitwise_right_shift(packed.unsqueeze(0), _PLANES.to(packed.device), out=planes).bitwise_and_(1)
+    out = out[:n]
+    return out.copy_(planes.view(-1)[:n]).mul_(1.0 / (1.0 - drop_rate))

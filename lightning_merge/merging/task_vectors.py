@@ -15,7 +15,15 @@ import torch
 from jsonargparse.typing import restricted_number_type
 
 from lightning_merge.merging.base import BASE, SCALE, MergeMethod, Piece
-from lightning_merge.merging.dare_hash import dare_bits, dare_keep_int64, dare_key, dare_scale, dare_threshold
+from lightning_merge.merging.dare_hash import (
+    dare_bits,
+    dare_keep_int64,
+    dare_key,
+    dare_scale,
+    dare_threshold,
+    pack_drops,
+    unpack_scale,
+)
 from lightning_merge.merging.formulas import Workspace
 
 Percent = restricted_number_type("Percent", float, [(">", 0), ("<=", 100)], join="and")
@@ -117,6 +125,10 @@ class _TaskVectorMerge(MergeMethod):
         self.compile = compile
         self.thresholds: dict[tuple[int, str | None], float] = {}
         self._work = Workspace()
+        self._drops: dict[tuple[int, str, int, int], torch.Tensor] = {}
+        self._seen: set[tuple[int, str, int, int]] = set()
+        self._slabs: list[list] = []  # [uint8 buffer, bytes used]
+        self._drop_bytes = 0
 
     def task_vectors(self, piece: Piece) -> list[torch.Tensor]:
         """``τ_i`` of the piece in workspace buffers (overwritten by the next piece), DARE'd if asked."""
@@ -125,11 +137,39 @@ class _TaskVectorMerge(MergeMethod):
         for i, theta in enumerate(piece.thetas):
             tau = torch.sub(theta, base, out=self._work.get(f"tau{i}", n, device=device))
             if self.drop_rate > 0:  # DARE (Yu et al., ICML 2024, §4.1): drop with probability p, rescale by 1/(1 − p)
-                bits = dare_bits(piece.name, piece.start, piece.stop, i, self.seed,
-                                 scratch=(self._work.get("x", n, torch.int32), self._work.get("y", n, torch.int32)))
-                tau.mul_(dare_scale(bits.to(device), self.drop_rate, self._work.get("keep", n, device=device)))
+                tau.mul_(self._drop_scale(piece, i))
             vectors.append(tau)
         return vectors
+
+    #: bytes of drops kept between merges (one bit per entry and model); beyond it they are hashed anew
+    DROP_CACHE_BYTES = 1 << 28
+    DROP_SLAB_BYTES = 1 << 23  # kept drops live in slabs this large: no long-lived small blocks on the heap
+
+    def _drop_scale(self, piece: Piece, model: int) -> torch.Tensor:
+        """DARE's factor for model ``model``'s entries of the piece. Hashed; from the second time a piece
+        is asked for (a second λ, or TIES' passes) its drops are kept, one bit per entry, and unpacked
+        after that. The hash depends only on seed, model, name and index, so kept drops never go stale; a
+        single merge of each piece (a streamed merge) keeps nothing."""
+        n, device = piece.stop - piece.start, piece.shared[BASE].device
+        out, key = self._work.get("keep", n, device=device), (model, piece.name, piece.start, piece.stop)
+        packed = self._drops.get(key)
+        if packed is not None:
+            return unpack_scale(packed, n, self.drop_rate, out, self._work.get("planes", n + 8, torch.uint8, device))
+        x, y = self._work.get("x", n + 8, torch.int32), self._work.get("y", n + 8, torch.int32)
+        bits = dare_bits(piece.name, piece.start, piece.stop, model, self.seed, scratch=(x, y))
+        scale = dare_scale(bits.to(device), self.drop_rate, out)
+        if key in self._seen and self._drop_bytes + n // 8 + 1 <= self.DROP_CACHE_BYTES:
+            self._drops[key] = pack_drops(x, n, self.drop_rate, self._slab_bytes(-(-n // 8)), y).to(device)
+            self._drop_bytes += self._drops[key].numel()
+        self._seen.add(key)
+        return scale
+
+    def _slab_bytes(self, m: int) -> torch.Tensor:
+        if not self._slabs or self._slabs[-1][1] + m > self._slabs[-1][0].numel():
+            self._slabs.append([torch.empty(max(m, self.DROP_SLAB_BYTES), dtype=torch.uint8), 0])
+        slab = self._slabs[-1]
+        slab[1] += m
+        return slab[0][slab[1] - m:slab[1]]
 
     def _compiled_merge(self, piece: Piece, coefficients) -> torch.Tensor:
         device = piece.shared[BASE].device

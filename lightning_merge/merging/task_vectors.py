@@ -125,8 +125,8 @@ class _TaskVectorMerge(MergeMethod):
         self.compile = compile
         self.thresholds: dict[tuple[int, str | None], float] = {}
         self._work = Workspace()
-        self._drops: dict[tuple[int, str, int, int], torch.Tensor] = {}
-        self._seen: set[tuple[int, str, int, int]] = set()
+        self._drops: dict[tuple, torch.Tensor] = {}  # (seed, p, model, name, start, stop) -> packed drops
+        self._seen: set[tuple] = set()
         self._slabs: list[list] = []  # [uint8 buffer, bytes used]
         self._drop_bytes = 0
 
@@ -148,10 +148,11 @@ class _TaskVectorMerge(MergeMethod):
     def _drop_scale(self, piece: Piece, model: int) -> torch.Tensor:
         """DARE's factor for model ``model``'s entries of the piece. Hashed; from the second time a piece
         is asked for (a second λ, or TIES' passes) its drops are kept, one bit per entry, and unpacked
-        after that. The hash depends only on seed, model, name and index, so kept drops never go stale; a
-        single merge of each piece (a streamed merge) keeps nothing."""
+        after that. The hash depends only on seed, model, name and index (all in the key, with ``p``), so
+        kept drops never go stale; a single merge of each piece (a streamed merge) keeps nothing."""
         n, device = piece.stop - piece.start, piece.shared[BASE].device
-        out, key = self._work.get("keep", n, device=device), (model, piece.name, piece.start, piece.stop)
+        out = self._work.get("keep", n, device=device)
+        key = (self.seed, self.drop_rate, model, piece.name, piece.start, piece.stop)
         packed = self._drops.get(key)
         if packed is not None:
             return unpack_scale(packed, n, self.drop_rate, out, self._work.get("planes", n + 8, torch.uint8, device))

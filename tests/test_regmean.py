@@ -179,3 +179,17 @@ def test_fisher_files_weight_the_other_parameters():
             num = sum(lam[i] * float(fishers[i][name][j]) * float(states[i][name][j]) for i in range(3))
             den = sum(lam[i] * float(fishers[i][name][j]) for i in range(3))
             assert abs(float(out[name][j]) - num / den) <= 1e-5 * (1 + abs(num / den))
+
+
+def test_solved_rows_leave_float64_inputs_alone():
+    """``regmean_rows`` builds its result in a copy of the first model's rows, even when they are float64."""
+    from lightning_merge.merging.regmean import regmean_factor, regmean_rows
+
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(40, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    grams = [xi.T @ xi for xi in x]
+    rows = [torch.randn(3, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    before = [r.clone() for r in rows]
+    merged = regmean_rows(rows, grams, [0.5, 0.5], 0.9, regmean_factor(grams, [0.5, 0.5], 0.9))
+    assert all(torch.equal(r, b) for r, b in zip(rows, before))
+    assert not torch.equal(merged, rows[0])

@@ -66,7 +66,7 @@ def regmean_rows(rows: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], co
     few hundred right-hand sides run at GEMM speed where LAPACK's ``potrs`` (``cholesky_solve``) ran
     about 5× slower on CPU. The float64 temporaries live in ``workspace``, reused piece after piece
     (fresh ones page-fault in again whenever freed memory is handed back, as in a streamed merge)."""
-    first = rows[0].double()
+    first = rows[0].to(torch.float64, copy=True)  # the result is built in it: never the caller's rows
     if len(rows) == 1:
         return first
     work = workspace or Workspace()

@@ -160,7 +160,9 @@ class _TaskVectorMerge(MergeMethod):
         bits = dare_bits(piece.name, piece.start, piece.stop, model, self.seed, scratch=(x, y))
         scale = dare_scale(bits.to(device), self.drop_rate, out)
         if key in self._seen and self._drop_bytes + n // 8 + 1 <= self.DROP_CACHE_BYTES:
-            self._drops[key] = pack_drops(x, n, self.drop_rate, self._slab_bytes(-(-n // 8)), y).to(device)
+            m = -(-n // 8)  # packed on the CPU, where the hash is; kept where the merge runs
+            kept = self._slab_bytes(m) if device.type == "cpu" else torch.empty(m, dtype=torch.uint8)
+            self._drops[key] = pack_drops(x, n, self.drop_rate, kept, y).to(device)
             self._drop_bytes += self._drops[key].numel()
         self._seen.add(key)
         return scale

@@ -300,23 +300,27 @@ class _TaskVectorMerge(MergeMethod):
             return
         # TIES: trim to the top-k% magnitudes, elect the sign of Σ λ_i τ̂_i, mean over the agreeing entries.
         # Float arithmetic only: on CPU a bool mask in float arithmetic is first copied to a float tensor.
+        # Each pass over the piece costs about as much as any other, so the first model's terms are
+        # written where the sums start instead of into zeroed buffers.
         n, device = len(out), out.device
         elected, scratch = self._work.get("elected", n, device=device), self._work.get("scratch", n, device=device)
-        count = self._work.get("count", n, device=device)
-        elected.zero_()
+        merged, count = self._work.get("merged", n, device=device), self._work.get("count", n, device=device)
         for i, (lam, tau) in enumerate(zip(coefficients, vectors)):
             threshold = self.thresholds[(i, piece.name if self.per_tensor else None)]
             torch.hardshrink(tau, _below(threshold), out=tau).mul_(lam)  # λ_i τ̂_i: |τ_i| ≥ threshold kept
+        torch.add(vectors[0], vectors[1], out=elected)
+        for tau in vectors[2:]:
             elected.add_(tau)
         elected.sign_()  # γ
-        merged = out.zero_()
-        count.zero_()
-        for tau in vectors:  # λ_i τ̂_i · γ > 0 where the entry agrees: its magnitude, else 0 after relu
+        # λ_i τ̂_i · γ > 0 where the entry agrees: its magnitude, else 0 after relu
+        torch.mul(vectors[0], elected, out=merged).relu_()
+        torch.sign(merged, out=count)
+        for tau in vectors[1:]:
             agreeing = torch.mul(tau, elected, out=scratch).relu_()
             merged.add_(agreeing)
             count.add_(agreeing.sign_())
         # Σ over agreeing λ_i τ̂_i = γ Σ |λ_i τ̂_i| (a sum of same-signed terms, negated exactly)
-        torch.add(base, merged.div_(count.clamp_(min=1)).mul_(elected), out=out)
+        torch.addcdiv(base, merged.mul_(elected), count.clamp_(min=1), out=out)
 
 
 def _below(threshold: float) -> float:

@@ -110,13 +110,22 @@ class GramAccumulator:
 BLOCK = 256  # columns per block-row of a Gram update
 
 
+def upper_blocks(d: int) -> list[tuple[int, int]]:
+    """The block-rows ``[start, stop)`` of a ``d``-wide Gram that :func:`_add_upper` updates."""
+    blocks = max(1, min(6, d // BLOCK))
+    edges = [d * i // blocks for i in range(blocks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def gram_update_flops(d: int) -> int:
+    """Floating-point operations per input row of :func:`_add_upper` for a ``d``-wide Gram."""
+    return sum(2 * (stop - start) * (d - start) for start, stop in upper_blocks(d))
+
+
 def _add_upper(total: torch.Tensor, rows: torch.Tensor) -> None:
     """``total += rowsᵀ rows`` on and above the diagonal only (block-rows ``i``, columns ``i…``): about
     (k+1)/2k of the full product's work for k block-rows; :meth:`GramAccumulator.detach` mirrors it."""
-    d = rows.shape[1]
-    blocks = max(1, min(6, d // BLOCK))
-    edges = [d * i // blocks for i in range(blocks + 1)]
-    for start, stop in zip(edges[:-1], edges[1:]):
+    for start, stop in upper_blocks(rows.shape[1]):
         total[start:stop, start:].addmm_(rows[:, start:stop].T, rows[:, start:])
 
 

@@ -107,7 +107,10 @@ class GramAccumulator:
             self.sums[key] = torch.triu(total) + torch.triu(total, 1).T
 
 
-BLOCK = 256  # columns per block-row of a Gram update
+# A Gram update is cut into at most 6 block-rows of at least BLOCK rows each. Timed here (one-off, 1045
+# real rows, as a MiniLM batch of 16 at seq 128 has): 384 wide 1.57 ms whole, 1.09 ms in 6 blocks;
+# 1536 wide 24.5 ms whole, 15.4 ms in 6, 15.6 in 8 (smaller products run slower than they save).
+BLOCK = 64
 
 
 def upper_blocks(d: int) -> list[tuple[int, int]]:

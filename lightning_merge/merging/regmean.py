@@ -36,12 +36,18 @@ def _row_blocks(d: int) -> list[tuple[int, int]]:
     return [(start, min(start + ROWS, d)) for start in range(0, d, ROWS)]
 
 
-def regmean_factor(grams: Sequence[torch.Tensor], coefficients: Sequence[float], alpha: float) -> torch.Tensor | None:
+def regmean_factor(grams: Sequence[torch.Tensor], coefficients: Sequence[float], alpha: float,
+                   workspace: Workspace | None = None) -> torch.Tensor | None:
     """The Cholesky factor (float64) of ``A = Σ_i λ_i G̃_i`` with ``G̃_i = α G_i + (1 − α) diag(G_i)``
     (§3.2), or ``None`` when ``A`` is (numerically) singular. ``A`` is built block-row by block-row and
-    factored in place: one ``d × d`` float64 buffer."""
-    d = grams[0].shape[0]
-    total = torch.zeros(d, d, dtype=torch.float64, device=grams[0].device)
+    factored in place: one ``d × d`` float64 buffer, ``workspace``'s ``"factor"`` when given (layer after
+    layer: a fresh 75 MB buffer for a 3072-wide layer page-faults in anew each time; the caller drops
+    the previous factor before asking for the next)."""
+    d, device = grams[0].shape[0], grams[0].device
+    if workspace is None:
+        total = torch.zeros(d, d, dtype=torch.float64, device=device)
+    else:
+        total = workspace.get("factor", d * d, torch.float64, device).view(d, d).zero_()
     for start, stop in _row_blocks(d):
         for gram, lam in zip(grams, coefficients):
             total[start:stop].add_(gram[start:stop].double(), alpha=lam * alpha)
@@ -49,7 +55,10 @@ def regmean_factor(grams: Sequence[torch.Tensor], coefficients: Sequence[float],
         total.diagonal().add_(gram.diagonal().double(), alpha=lam * (1 - alpha))
     peak = float(total.diagonal().max()) if d else 0.0
     info = torch.empty((), dtype=torch.int32, device=total.device)
-    factor, info = torch.linalg.cholesky_ex(total, out=(total, info))
+    # A is symmetric, so its transpose (a column-major view, LAPACK's own layout) is A: factored in place
+    # with no copy each way (a one-off timing, 3072 wide: 170 against 211 ms with a row-major buffer)
+    columns = total.T
+    factor, info = torch.linalg.cholesky_ex(columns, out=(columns, info))
     if int(info) != 0 or peak <= 0 or float(factor.diagonal().min()) ** 2 <= SINGULAR_PIVOT * peak:
         return None
     return factor
@@ -152,7 +161,8 @@ class RegMeanMerge(MergeMethod):
             return cached[2], cached[3]
         self._factor = None  # the previous layer's factor goes before this one is built
         active = [i for i, lam in enumerate(coefficients) if lam > 0]
-        factor = regmean_factor([grams[i] for i in active], [coefficients[i] for i in active], self.alpha)
+        factor = regmean_factor([grams[i] for i in active], [coefficients[i] for i in active], self.alpha,
+                                self._work)
         self._factor = (grams, coefficients, active, factor)
         return active, factor
 

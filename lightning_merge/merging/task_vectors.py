@@ -304,7 +304,7 @@ class _TaskVectorMerge(MergeMethod):
         # written where the sums start instead of into zeroed buffers.
         n, device = len(out), out.device
         elected, scratch = self._work.get("elected", n, device=device), self._work.get("scratch", n, device=device)
-        merged, count = self._work.get("merged", n, device=device), self._work.get("count", n, device=device)
+        count = self._work.get("count", n, device=device)
         for i, (lam, tau) in enumerate(zip(coefficients, vectors)):
             threshold = self.thresholds[(i, piece.name if self.per_tensor else None)]
             torch.hardshrink(tau, _below(threshold), out=tau).mul_(lam)  # λ_i τ̂_i: |τ_i| ≥ threshold kept
@@ -313,7 +313,7 @@ class _TaskVectorMerge(MergeMethod):
             elected.add_(tau)
         elected.sign_()  # γ
         # λ_i τ̂_i · γ > 0 where the entry agrees: its magnitude, else 0 after relu
-        torch.mul(vectors[0], elected, out=merged).relu_()
+        merged = torch.mul(vectors[0], elected, out=out).relu_()  # out holds the sum until the last step
         torch.sign(merged, out=count)
         for tau in vectors[1:]:
             agreeing = torch.mul(tau, elected, out=scratch).relu_()

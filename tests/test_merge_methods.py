@@ -135,16 +135,17 @@ def test_dare_drops_kept_between_merges_give_the_same_bits(three, combine, monke
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 13, 4096 + 3])
-def test_packed_drops_unpack_to_the_same_scale(n):
-    from lightning_merge.merging.dare_hash import dare_bits, dare_scale, pack_drops, unpack_scale
+def test_packed_drops_unpack_to_the_same_bits(n):
+    from lightning_merge.merging.dare_hash import dare_bits, dare_keep, dare_kept, pack_drops, unpack_kept
 
     x, y = torch.empty(n + 8, dtype=torch.int32), torch.empty(n + 8, dtype=torch.int32)
     bits = dare_bits("w", 100, 100 + n, 0, 1, scratch=(x, y))
-    scale = dare_scale(bits, 0.7, torch.empty(n)).clone()
+    kept = dare_kept(bits, 0.7, torch.empty(n)).clone()
+    assert torch.equal(kept, dare_keep("w", 100, 100 + n, 0, 1, 0.7).float())
     packed = pack_drops(x, n, 0.7, torch.empty(n, dtype=torch.uint8), y)
     assert packed.numel() == -(-n // 8)
-    unpacked = unpack_scale(packed, n, 0.7, torch.full((n + 5,), -1.0), torch.empty(n + 8, dtype=torch.uint8))
-    assert torch.equal(unpacked, scale) and set(scale.unique().tolist()) <= {0.0, float(torch.tensor(1 / 0.3))}
+    unpacked = unpack_kept(packed, n, torch.full((n + 5,), -1.0), torch.empty(n + 8, dtype=torch.uint8))
+    assert torch.equal(unpacked, kept)
 
 
 @pytest.mark.parametrize(("make", "message"), [

@@ -62,13 +62,18 @@ def dare_keep(name: str, start: int, stop: int, model: int, seed: int, drop_rate
     return dare_bits(name, start, stop, model, seed) >= dare_threshold(drop_rate)
 
 
-def dare_scale(bits: torch.Tensor, drop_rate: float, out: torch.Tensor) -> torch.Tensor:
-    """The factor DARE multiplies each task-vector entry by: ``1/(1 − p)`` where kept, 0 where dropped,
-    from :func:`dare_bits`, in float arithmetic only (on CPU a bool mask in float arithmetic is first
-    copied to a float tensor): ``clamp(bits − threshold + 1, 0, 1)`` is exact below 2²⁵."""
+def dare_kept(bits: torch.Tensor, drop_rate: float, out: torch.Tensor) -> torch.Tensor:
+    """1.0 where DARE keeps an entry, 0.0 where it drops it, from :func:`dare_bits`, in float arithmetic
+    only (on CPU a bool mask in float arithmetic is first copied to a float tensor): ``clamp(bits −
+    threshold + 1, 0, 1)`` is exact below 2²⁵. The kept entries are rescaled by :func:`dare_rescale`."""
     out = out[:bits.numel()]
     out.copy_(bits)
-    return out.sub_(dare_threshold(drop_rate) - 1).clamp_(0, 1).mul_(1.0 / (1.0 - drop_rate))
+    return out.sub_(dare_threshold(drop_rate) - 1).clamp_(0, 1)
+
+
+def dare_rescale(drop_rate: float) -> float:
+    """DARE's ``1/(1 − p)`` for the entries it keeps (Yu et al., ICML 2024, §4.1, eq. 2)."""
+    return 1.0 / (1.0 - drop_rate)
 
 
 def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -110,12 +115,10 @@ def pack_drops(buffer: torch.Tensor, n: int, drop_rate: float, out: torch.Tensor
     return out[:m].copy_(weighted.sum(0, dtype=torch.int32))
 
 
-def unpack_scale(packed: torch.Tensor, n: int, drop_rate: float, out: torch.Tensor,
-                 planes: torch.Tensor) -> torch.Tensor:
-    """:func:`dare_scale`'s values (``1/(1 − p)`` where kept, 0 where dropped) from :func:`pack_drops`'
-    bytes, the same bits; ``planes``: a uint8 buffer of at least ``8 ⌈n / 8⌉`` elements."""
+def unpack_kept(packed: torch.Tensor, n: int, out: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """:func:`dare_kept`'s values (1.0 kept, 0.0 dropped) from :func:`pack_drops`' bytes, the same bits;
+    ``planes``: a uint8 buffer of at least ``8 ⌈n / 8⌉`` elements."""
     m = packed.numel()
     planes = planes[:8 * m].view(8, m)
     torch.bitwise_right_shift(packed.unsqueeze(0), _PLANES.to(packed.device), out=planes).bitwise_and_(1)
-    out = out[:n]
-    return out.copy_(planes.view(-1)[:n]).mul_(1.0 / (1.0 - drop_rate))
+    return out[:n].copy_(planes.view(-1)[:n])

@@ -18,11 +18,12 @@ from lightning_merge.merging.base import BASE, SCALE, MergeMethod, Piece
 from lightning_merge.merging.dare_hash import (
     dare_bits,
     dare_keep_int64,
+    dare_kept,
     dare_key,
-    dare_scale,
+    dare_rescale,
     dare_threshold,
     pack_drops,
-    unpack_scale,
+    unpack_kept,
 )
 from lightning_merge.merging.formulas import Workspace
 
@@ -137,7 +138,7 @@ class _TaskVectorMerge(MergeMethod):
         for i, theta in enumerate(piece.thetas):
             tau = torch.sub(theta, base, out=self._work.get(f"tau{i}", n, device=device))
             if self.drop_rate > 0:  # DARE (Yu et al., ICML 2024, §4.1): drop with probability p, rescale by 1/(1 − p)
-                tau.mul_(self._drop_scale(piece, i))
+                tau.mul_(self._kept(piece, i)).mul_(dare_rescale(self.drop_rate))
             vectors.append(tau)
         return vectors
 
@@ -145,27 +146,28 @@ class _TaskVectorMerge(MergeMethod):
     DROP_CACHE_BYTES = 1 << 28
     DROP_SLAB_BYTES = 1 << 23  # kept drops live in slabs this large: no long-lived small blocks on the heap
 
-    def _drop_scale(self, piece: Piece, model: int) -> torch.Tensor:
-        """DARE's factor for model ``model``'s entries of the piece. Hashed; from the second time a piece
-        is asked for (a second λ, or TIES' passes) its drops are kept, one bit per entry, and unpacked
-        after that. The hash depends only on seed, model, name and index (all in the key, with ``p``), so
-        kept drops never go stale; a single merge of each piece (a streamed merge) keeps nothing."""
+    def _kept(self, piece: Piece, model: int) -> torch.Tensor:
+        """Which of model ``model``'s entries of the piece DARE keeps (1.0) or drops (0.0). Hashed; from
+        the second time a piece is asked for (a second λ, or TIES' passes) its drops are kept, one bit per
+        entry, and unpacked after that. The hash depends only on seed, model, name and index (all in the
+        key, with ``p``), so kept drops never go stale; a single merge of each piece (a streamed merge)
+        keeps nothing."""
         n, device = piece.stop - piece.start, piece.shared[BASE].device
         out = self._work.get("keep", n, device=device)
         key = (self.seed, self.drop_rate, model, piece.name, piece.start, piece.stop)
         packed = self._drops.get(key)
         if packed is not None:
-            return unpack_scale(packed, n, self.drop_rate, out, self._work.get("planes", n + 8, torch.uint8, device))
+            return unpack_kept(packed, n, out, self._work.get("planes", n + 8, torch.uint8, device))
         x, y = self._work.get("x", n + 8, torch.int32), self._work.get("y", n + 8, torch.int32)
         bits = dare_bits(piece.name, piece.start, piece.stop, model, self.seed, scratch=(x, y))
-        scale = dare_scale(bits.to(device), self.drop_rate, out)
+        kept = dare_kept(bits.to(device), self.drop_rate, out)
         if key in self._seen and self._drop_bytes + n // 8 + 1 <= self.DROP_CACHE_BYTES:
             m = -(-n // 8)  # packed on the CPU, where the hash is; kept where the merge runs
-            kept = self._slab_bytes(m) if device.type == "cpu" else torch.empty(m, dtype=torch.uint8)
-            self._drops[key] = pack_drops(x, n, self.drop_rate, kept, y).to(device)
+            slab = self._slab_bytes(m) if device.type == "cpu" else torch.empty(m, dtype=torch.uint8)
+            self._drops[key] = pack_drops(x, n, self.drop_rate, slab, y).to(device)
             self._drop_bytes += self._drops[key].numel()
         self._seen.add(key)
-        return scale
+        return kept
 
     def _slab_bytes(self, m: int) -> torch.Tensor:
         if not self._slabs or self._slabs[-1][1] + m > self._slabs[-1][0].numel():
@@ -290,14 +292,20 @@ class _TaskVectorMerge(MergeMethod):
         if self.compile:
             out.copy_(self._compiled_merge(piece, coefficients))
             return
-        vectors = self.task_vectors(piece)
         base = piece.shared[BASE]
-        if self.top_k is None:  # task arithmetic: θ_0 + Σ λ_i τ_i
+        if self.top_k is None:  # task arithmetic: θ_0 + Σ λ_i τ_i (DARE'd: Σ λ_i/(1 − p) · kept_i · τ_i)
             out.copy_(base)
-            for lam, tau in zip(coefficients, vectors):
-                if lam:
+            tau = self._work.get("tau0", len(out), device=out.device)
+            for i, (lam, theta) in enumerate(zip(coefficients, piece.thetas)):
+                if not lam:
+                    continue
+                torch.sub(theta, base, out=tau)
+                if self.drop_rate > 0:  # the drop and both scales in one pass
+                    out.addcmul_(tau, self._kept(piece, i), value=lam * dare_rescale(self.drop_rate))
+                else:
                     out.add_(tau, alpha=lam)
             return
+        vectors = self.task_vectors(piece)
         # TIES: trim to the top-k% magnitudes, elect the sign of Σ λ_i τ̂_i, mean over the agreeing entries.
         # Float arithmetic only: on CPU a bool mask in float arithmetic is first copied to a float tensor.
         # Each pass over the piece costs about as much as any other, so the first model's terms are

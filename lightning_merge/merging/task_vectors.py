@@ -187,7 +187,7 @@ class _TaskVectorMerge(MergeMethod):
             thresholds = torch.tensor([self.thresholds[(i, key)] for i in range(len(piece.thetas))], device=device)
         return compiled_merge()([t.float() for t in piece.thetas], piece.shared[BASE].float(),
                                 torch.tensor(list(coefficients), dtype=torch.float32, device=device), keys,
-                                piece.start, dare_threshold(self.drop_rate), 1.0 / (1.0 - self.drop_rate), thresholds)
+                                piece.start, dare_threshold(self.drop_rate), dare_rescale(self.drop_rate), thresholds)
 
     # -- TIES' trim: the magnitude of the top_k-th percent largest |τ| entry of each model ----------
     #: every SAMPLE_STRIDE-th entry of each piece (a prime, so rows of any usual width are sampled

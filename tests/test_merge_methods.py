@@ -306,14 +306,17 @@ def test_compiled_merges_match_the_reference_and_stream_alike(three, tmp_path, m
     assert all(torch.equal(streamed[n], in_memory[n]) for n in base)
 
 
-@pytest.mark.parametrize("path", ["sample-bracket", "histogram"])
+@pytest.mark.parametrize("path", ["sample-bracket", "compacted", "histogram"])
 @pytest.mark.parametrize("grid", [True, False], ids=["tied-values", "continuous"])
 @pytest.mark.parametrize("per_tensor", [False, True], ids=["global", "per-tensor"])
 def test_ties_thresholds_are_the_exact_kth_largest_magnitude(grid, per_tensor, path, monkeypatch):
     """The sampled bracket (and, when a bracket misses, the histogram passes) give exactly the k-th
-    largest |τ| (over the body, or per tensor), as a full sort does; k = 100% keeps everything (0)."""
+    largest |τ| (over the body, or per tensor), as a full sort does; k = 100% keeps everything (0).
+    ``compacted``: the screened entries are cut down to the bracket after every piece."""
     import math
 
+    if path == "compacted":
+        monkeypatch.setattr(TiesMerging, "SCREENED_ENTRIES", 1)
     if path == "histogram":  # a bracket that holds nothing: every threshold comes from the fallback
         monkeypatch.setattr(TiesMerging, "_bracket", lambda self, sample, share: (math.inf, math.inf))
     else:

@@ -90,22 +90,28 @@ def _top_bin(hist: torch.Tensor, rank: int) -> tuple[int, int]:
 NEAR_ROWS = 8  # a piece is screened as this many rows: each column a group of entries far apart
 
 
-def _in_bracket(magnitude: torch.Tensor, lo: float, hi: float, scratch: torch.Tensor) -> torch.Tensor:
-    """The entries of ``magnitude`` in ``[lo, hi]``. A bracket holds well under 1% of the entries, so
-    the piece is viewed as ``NEAR_ROWS`` rows and each column screened by its entries' least distance to
-    the bracket (float arithmetic and a row-wise min: no element-wise bool mask, which costs several
-    float passes on CPU); only the columns that may hold one are gathered and compared exactly."""
-    n = magnitude.numel()
+def _screen(magnitude: torch.Tensor, lo: float, hi: float, scratch: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+    """How many entries of ``magnitude`` exceed ``hi``, and a few slices that hold every entry in
+    ``[lo, hi]`` (with others, each of them ``< lo`` or negative: ``[c >= lo]`` picks the bracket out).
+    Float arithmetic only (a comparison into a bool tensor costs several float passes on CPU):
+    ``hardshrink`` keeps the entries above ``hi``, which are then negated in ``magnitude`` (overwritten)
+    and counted through their signs. A bracket holds well under 1% of the entries, so the piece is viewed
+    as ``NEAR_ROWS`` rows and only the columns whose largest remaining entry reaches ``lo`` are gathered."""
+    above = torch.hardshrink(magnitude, hi, out=scratch)
+    rest = magnitude.sub_(above, alpha=2)  # x − 2x = −x above hi (exact), x elsewhere
+    count = int(above.sign_().sum())
+    n = rest.numel()
     whole = n - n % NEAR_ROWS
-    rows = magnitude[:whole].view(NEAR_ROWS, -1)
-    if hi == math.inf:
-        hit = rows.amax(0) >= lo
-    else:  # | |τ| − mid | ≤ half (widened for rounding) holds every entry of [lo, hi]
-        mid, half = (lo + hi) / 2, (hi - lo) / 2 * (1 + 1e-6) + hi * 1e-6
-        distance = torch.sub(magnitude[:whole], mid, out=scratch[:whole]).abs_()
-        hit = distance.view(NEAR_ROWS, -1).amin(0) <= half
-    candidates = torch.cat([rows.index_select(1, hit.nonzero().squeeze(1)).reshape(-1), magnitude[whole:]])
-    return candidates[(candidates >= lo) & (candidates <= hi)]
+    rows = rest[:whole].view(NEAR_ROWS, -1)
+    hit = rows.amax(0) >= lo
+    # copies: the workspace holding ``magnitude`` is overwritten by the next piece
+    return count, [rows.index_select(1, hit.nonzero().squeeze(1)).reshape(-1), rest[whole:].clone()]
+
+
+def _in_bracket(screened: list[torch.Tensor], lo: float) -> torch.Tensor:
+    """The entries of :func:`_screen`'s slices that are in the bracket: those ``≥ lo``."""
+    candidates = torch.cat(screened)
+    return candidates[candidates >= lo]
 
 
 class _TaskVectorMerge(MergeMethod):
@@ -195,6 +201,9 @@ class _TaskVectorMerge(MergeMethod):
     SAMPLE_STRIDE = 251
     #: half-width of the bracket in standard deviations of the sample's rank
     BRACKET_SIGMAS = 6.0
+    #: screened entries held before those outside the bracket are dropped (a comparison per piece would
+    #: cost more than the comparison itself; all of them at once would hold several % of a model)
+    SCREENED_ENTRIES = 1 << 21
 
     def prepare(self, pieces, num_models) -> None:
         """The exact ``top_k``-th percent largest ``|τ_i|`` of each model (or tensor): a strided sample
@@ -228,17 +237,22 @@ class _TaskVectorMerge(MergeMethod):
                     continue
                 lo, hi = brackets[key]
                 magnitude = tau.abs_()
-                # float arithmetic only (comparisons into bool tensors are several times slower on CPU):
-                # hardshrink keeps |τ| > hi, sign turns those into ones
-                above[key] += int(torch.hardshrink(magnitude, hi, out=scratch).sign_().sum())
                 if lo == hi:  # one value fills the bracket (DARE's zeros): counting is enough
+                    above[key] += _count(magnitude > hi)
                     inside_count[key] += _count(magnitude == lo)
                     continue
-                inside[key].append(_in_bracket(magnitude, lo, hi, scratch))
+                count, screened = _screen(magnitude, lo, hi, scratch)
+                above[key] += count
+                inside[key].extend(screened)
+                if sum(t.numel() for t in inside[key]) > self.SCREENED_ENTRIES:
+                    inside[key] = [_in_bracket(inside[key], lo)]
         missed = {}
         for key, (lo, _) in brackets.items():
             rank = keeps[key] - above[key]  # of the threshold among the entries in [lo, hi]
-            candidates = torch.cat(inside[key]) if inside[key] else torch.full((inside_count[key],), lo)
+            if inside[key]:
+                candidates = _in_bracket(inside[key], lo)
+            else:
+                candidates = torch.full((inside_count[key],), lo)
             if 0 < rank <= candidates.numel():
                 self.thresholds[key] = float(torch.topk(candidates, rank, sorted=False).values.min())
             else:
@@ -260,8 +274,9 @@ class _TaskVectorMerge(MergeMethod):
         spread = self.BRACKET_SIGMAS * math.sqrt(m * share * (1 - share)) + 2
         top_rank = share * m  # 1-based rank from the top within the sample
         lo_rank, hi_rank = math.ceil(top_rank + spread), math.floor(top_rank - spread)
-        lo = float(torch.kthvalue(sample, m - lo_rank + 1).values) if lo_rank <= m else 0.0
-        hi = float(torch.kthvalue(sample, m - hi_rank + 1).values) if hi_rank >= 1 else math.inf
+        top = torch.topk(sample, min(lo_rank, m), sorted=False).values  # hi_rank ≤ lo_rank: both in it
+        lo = float(top.min()) if lo_rank <= m else 0.0
+        hi = float(torch.kthvalue(top, top.numel() - hi_rank + 1).values) if hi_rank >= 1 else math.inf
         return lo, hi
 
     def _histogram_thresholds(self, pieces, keeps: dict) -> dict:

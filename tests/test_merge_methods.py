@@ -306,6 +306,36 @@ def test_compiled_merges_match_the_reference_and_stream_alike(three, tmp_path, m
     assert all(torch.equal(streamed[n], in_memory[n]) for n in base)
 
 
+@pytest.mark.parametrize("top_k", [10, 20, 30])
+def test_ties_threshold_where_most_task_vector_entries_are_zero(top_k, monkeypatch):
+    """Models that kept most of θ_0 (frozen parts): the bracket reaches down to 0, and the zeros in it
+    are counted, not gathered; the threshold is still the exact k-th largest |τ|."""
+    import math
+
+    import lightning_merge.merging.task_vectors as task_vectors
+    from lightning_merge.merging import MemoryTensors, MergePlan
+
+    monkeypatch.setattr(TiesMerging, "_histogram_thresholds", None)  # the brackets must hold every rank
+    monkeypatch.setattr(TiesMerging, "SAMPLE_STRIDE", 7)  # brackets about ±1% of the entries wide
+    screened = []
+    screen = task_vectors._screen
+    monkeypatch.setattr(task_vectors, "_screen", lambda *args: screened.append(screen(*args)) or screened[-1])
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(400, 500, generator=g)}
+    models = []
+    for _ in range(2):
+        changed = torch.rand(400, 500, generator=g) < 0.2  # top 20%: a bracket from 0 to a positive hi
+        models.append({"w": base["w"] + changed * torch.randn(400, 500, generator=g)})
+    method = TiesMerging(top_k=top_k)
+    MergePlan(method, [MemoryTensors(m) for m in models], ["w"], shared={"base": MemoryTensors(base)},
+              chunk=50_000).prepare()
+    for i, m in enumerate(models):
+        magnitudes = (m["w"] - base["w"]).abs().reshape(-1).sort(descending=True).values
+        assert method.thresholds[(i, None)] == float(magnitudes[math.ceil(top_k / 100 * magnitudes.numel()) - 1])
+    gathered = sum(t.numel() for _, slices in screened for t in slices)
+    assert gathered < 0.25 * 2 * base["w"].numel()  # not the zeros: about 80% of the entries
+
+
 @pytest.mark.parametrize("path", ["sample-bracket", "compacted", "histogram"])
 @pytest.mark.parametrize("grid", [True, False], ids=["tied-values", "continuous"])
 @pytest.mark.parametrize("per_tensor", [False, True], ids=["global", "per-tensor"])

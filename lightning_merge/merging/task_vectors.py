@@ -108,6 +108,11 @@ def _screen(magnitude: torch.Tensor, lo: float, hi: float, scratch: torch.Tensor
     return count, [rows.index_select(1, hit.nonzero().squeeze(1)).reshape(-1), rest[whole:].clone()]
 
 
+def _positive(lo: float) -> float:
+    """The bracket's low end for the screen: at least the least positive float32 (zeros are counted apart)."""
+    return max(lo, math.ldexp(1.0, -149))
+
+
 def _in_bracket(screened: list[torch.Tensor], lo: float) -> torch.Tensor:
     """The entries of :func:`_screen`'s slices that are in the bracket: those ``≥ lo``."""
     candidates = torch.cat(screened)
@@ -241,20 +246,21 @@ class _TaskVectorMerge(MergeMethod):
                     above[key] += _count(magnitude > hi)
                     inside_count[key] += _count(magnitude == lo)
                     continue
-                count, screened = _screen(magnitude, lo, hi, scratch)
+                if lo == 0:  # zeros in the bracket (τ_i = 0 where a model kept θ_0) are counted, not gathered
+                    inside_count[key] += _count(magnitude == 0)
+                count, screened = _screen(magnitude, _positive(lo), hi, scratch)
                 above[key] += count
                 inside[key].extend(screened)
                 if sum(t.numel() for t in inside[key]) > self.SCREENED_ENTRIES:
-                    inside[key] = [_in_bracket(inside[key], lo)]
+                    inside[key] = [_in_bracket(inside[key], _positive(lo))]
         missed = {}
         for key, (lo, _) in brackets.items():
             rank = keeps[key] - above[key]  # of the threshold among the entries in [lo, hi]
-            if inside[key]:
-                candidates = _in_bracket(inside[key], lo)
-            else:
-                candidates = torch.full((inside_count[key],), lo)
+            candidates = _in_bracket(inside[key], _positive(lo)) if inside[key] else torch.empty(0)
             if 0 < rank <= candidates.numel():
                 self.thresholds[key] = float(torch.topk(candidates, rank, sorted=False).values.min())
+            elif 0 < rank <= candidates.numel() + inside_count[key]:  # among the entries equal to lo
+                self.thresholds[key] = lo
             else:
                 missed[key] = keeps[key]
         if missed:

@@ -206,8 +206,8 @@ class _TaskVectorMerge(MergeMethod):
     SAMPLE_STRIDE = 251
     #: half-width of the bracket in standard deviations of the sample's rank
     BRACKET_SIGMAS = 6.0
-    #: screened entries held before those outside the bracket are dropped (a comparison per piece would
-    #: cost more than the comparison itself; all of them at once would hold several % of a model)
+    #: screened entries held before those outside the bracket are dropped: comparing each piece's few
+    #: costs mostly per-call overhead, and holding all until the end would hold several % of a model
     SCREENED_ENTRIES = 1 << 21
 
     def prepare(self, pieces, num_models) -> None:

@@ -315,16 +315,19 @@ class _TaskVectorMerge(MergeMethod):
             return
         base = piece.shared[BASE]
         if self.top_k is None:  # task arithmetic: θ_0 + Σ λ_i τ_i (DARE'd: Σ λ_i/(1 − p) · kept_i · τ_i)
-            out.copy_(base)
             tau = self._work.get("tau0", len(out), device=out.device)
+            total = base  # the first term is added to θ_0 on its way into out: no copy of θ_0 first
             for i, (lam, theta) in enumerate(zip(coefficients, piece.thetas)):
                 if not lam:
                     continue
                 torch.sub(theta, base, out=tau)
                 if self.drop_rate > 0:  # the drop and both scales in one pass
-                    out.addcmul_(tau, self._kept(piece, i), value=lam * dare_rescale(self.drop_rate))
+                    torch.addcmul(total, tau, self._kept(piece, i), value=lam * dare_rescale(self.drop_rate), out=out)
                 else:
-                    out.add_(tau, alpha=lam)
+                    torch.add(total, tau, alpha=lam, out=out)
+                total = out
+            if total is base:  # every λ_i = 0
+                out.copy_(base)
             return
         vectors = self.task_vectors(piece)
         # TIES: trim to the top-k% magnitudes, elect the sign of Σ λ_i τ̂_i, mean over the agreeing entries.

@@ -150,8 +150,8 @@ def merge_benchmarks(repeats: int) -> dict:
     ta_s = timed("ta", lambda: ta([0.3, 0.7]), repeats)
     dare = flat("dare")
     dare_s = timed("dare", lambda: dare([0.3, 0.7]), repeats)  # per further λ: the drops hashed once, kept
-    dare_scratch_s = timed("dare_scratch", lambda: flat("dare")([0.3, 0.7]), max(1, repeats // 2))
-    ties_s = timed("ties", lambda: flat("ties")([0.3, 0.7]), max(1, repeats // 2))  # from scratch: thresholds too
+    dare_scratch_s = timed("dare_scratch", lambda: flat("dare")([0.3, 0.7]), repeats)
+    ties_s = timed("ties", lambda: flat("ties")([0.3, 0.7]), repeats)  # from scratch: thresholds too
     ties = flat("ties")
     ties_merge_s = timed("ties_merge", lambda: ties([0.3, 0.7]), repeats)
     # the threshold pass alone (the strided sample, the counting pass, the selection), as from scratch
@@ -164,7 +164,7 @@ def merge_benchmarks(repeats: int) -> dict:
     dare_compiled_s = timed("dare_compiled", lambda: compiled["dare"]([0.3, 0.7]), repeats)
     ties_compiled_s = timed("ties_compiled", lambda: merging.FlatMerger(
         merging.TiesMerging(top_k=20, compile=True), thetas, layout, None, {"base": theta0}, out=out)([0.3, 0.7]),
-        max(1, repeats // 2))
+        repeats)
     # The bandwidth bound of a timing: the bytes it must move (in model sizes: Fisher reads 2 θ + 2 F and
     # writes θ*, the task-vector methods read 2 θ + θ_0 and write θ*) at the bandwidth of the copy timed
     # alternately with it (which reads and writes one model).
